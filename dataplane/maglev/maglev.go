@@ -1,0 +1,252 @@
+// Package maglev builds Maglev consistent-hashing lookup tables that pin
+// clients to backends.
+//
+// A Table has a prime number M of slots; each slot holds one backend. A flow
+// goes to the backend in slot hash % M, where hash is a flow key from
+// HashClient, HashClientProtocol or HashFlow. The table is filled the way the
+// Maglev paper describes: each backend walks its own permutation of the slots
+// and the backends take turns claiming the next free slot on it. That gives
+// every backend the same number of slots give or take one, and when the pool
+// changes most slots keep their backend, so most clients stay where they are.
+//
+// Determinism contract: Build is a pure function of the set of backend keys
+// and the size. It sorts and de-duplicates its input and uses no per-process
+// randomness, so every replica given the same pool, in any order, builds a
+// bit-identical table and sends a client to the same backend without sharing
+// state. The flow hash and the slot-filling order are part of that contract:
+// changing either re-pins clients whenever replicas of different versions
+// run side by side.
+package maglev
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"slices"
+)
+
+// DefaultSize is the table size used for small pools.
+const DefaultSize = 65537
+
+// MaxSize bounds an explicit table size; it keeps a bad setting from
+// allocating gigabytes.
+const MaxSize = 1 << 24
+
+// slotsPerBackend is the minimum M/N ratio chosen automatically; it keeps the
+// disruption when a backend is added or removed near the 1/N ideal.
+const slotsPerBackend = 100
+
+// sizes are the primes Build chooses from when no size is given.
+var sizes = [...]uint64{65537, 131071, 262139, 524287, 1048573, 2097143, 4194301}
+
+var (
+	// ErrInvalidSize reports an explicit size that is not a usable prime.
+	ErrInvalidSize = errors.New("maglev: invalid table size")
+	// ErrTooManyBackends reports a pool larger than the chosen size can balance.
+	ErrTooManyBackends = errors.New("maglev: too many backends")
+)
+
+// Seeds for the two independent per-backend hashes; fixed because they are
+// part of the determinism contract.
+const (
+	offsetSeed = 0x6d61676c65762d6f // "maglev-o"
+	skipSeed   = 0x6d61676c65762d73 // "maglev-s"
+)
+
+// Table is an immutable Maglev lookup table. It is safe for concurrent use.
+type Table struct {
+	backends []string // sorted, distinct
+	size     uint64   // M, prime
+	// Exactly one of small and large holds the M slots (none when there are
+	// no backends); small halves the memory when indices fit in 16 bits.
+	small []uint16
+	large []uint32
+}
+
+// Build returns the table for the given backends. Order and duplicates in
+// backends do not matter. A size of 0 picks the smallest of a fixed list of
+// primes that is at least 100 slots per backend (65537 at least); an explicit
+// size must be a prime no smaller than the number of backends and at most
+// MaxSize. With no backends the table answers every Lookup with -1.
+func Build(backends []string, size uint64) (*Table, error) {
+	keys := slices.Clone(backends)
+	slices.Sort(keys)
+	keys = slices.Compact(keys)
+
+	m, err := chooseSize(len(keys), size)
+	if err != nil {
+		return nil, err
+	}
+	t := &Table{backends: slices.Clip(keys), size: m}
+	switch {
+	case len(keys) == 0:
+	case len(keys) < math.MaxUint16:
+		t.small = make([]uint16, m)
+		fill(t.small, keys, math.MaxUint16)
+	default:
+		t.large = make([]uint32, m)
+		fill(t.large, keys, math.MaxUint32)
+	}
+	return t, nil
+}
+
+// chooseSize validates an explicit size or picks one for n backends.
+func chooseSize(n int, size uint64) (uint64, error) {
+	if size != 0 {
+		if size > MaxSize || !isPrime(size) {
+			return 0, fmt.Errorf("%w: %d is not a prime in [2, %d]", ErrInvalidSize, size, MaxSize)
+		}
+		if uint64(n) > size {
+			return 0, fmt.Errorf("%w: %d backends do not fit in %d slots", ErrTooManyBackends, n, size)
+		}
+		return size, nil
+	}
+	want := uint64(n) * slotsPerBackend
+	for _, s := range sizes {
+		if s >= want {
+			return s, nil
+		}
+	}
+	return 0, fmt.Errorf("%w: %d backends need more than %d slots; pass an explicit size",
+		ErrTooManyBackends, n, sizes[len(sizes)-1])
+}
+
+// isPrime is trial division; sizes are at most MaxSize so this is cheap.
+func isPrime(n uint64) bool {
+	if n < 2 {
+		return false
+	}
+	for d := uint64(2); d*d <= n; d++ {
+		if n%d == 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// slotIndex is the entry type of a table: a backend index, with the all-ones
+// value reserved to mark an unclaimed slot while filling.
+type slotIndex interface{ ~uint16 | ~uint32 }
+
+// fill runs the Maglev population: backends take turns, in sorted order, to
+// claim the next free slot on their own permutation until every slot is taken.
+func fill[E slotIndex](entries []E, keys []string, empty E) {
+	m := uint64(len(entries))
+	for i := range entries {
+		entries[i] = empty
+	}
+	walkers := make([]walker, len(keys))
+	for i, k := range keys {
+		walkers[i] = walker{
+			next: backendHash(offsetSeed, k) % m,
+			skip: backendHash(skipSeed, k)%(m-1) + 1,
+		}
+	}
+	var filled uint64
+	for {
+		for i := range walkers {
+			w := &walkers[i]
+			for entries[w.next] != empty {
+				w.advance(m)
+			}
+			entries[w.next] = E(i)
+			w.advance(m)
+			if filled++; filled == m {
+				return
+			}
+		}
+	}
+}
+
+// walker is one backend's position on its permutation of the slots,
+// (offset + j*skip) % m. skip in [1, m-1] with m prime visits every slot.
+type walker struct{ next, skip uint64 }
+
+// advance steps to the next slot of the permutation without a division.
+func (w *walker) advance(m uint64) {
+	w.next += w.skip
+	if w.next >= m {
+		w.next -= m
+	}
+}
+
+// backendHash is one of the two independent hashes of a backend key that
+// place its permutation.
+func backendHash(seed uint64, key string) uint64 {
+	var h Hasher
+	h.WriteUint64(seed)
+	h.WriteString(key)
+	return h.Sum64()
+}
+
+// Lookup returns the index of the backend for a flow hash, or -1 when the
+// table has no backends. It does not allocate.
+func (t *Table) Lookup(hash uint64) int {
+	if t.small != nil {
+		return int(t.small[hash%t.size])
+	}
+	if t.large != nil {
+		return int(t.large[hash%t.size])
+	}
+	return -1
+}
+
+// slot returns the backend index in slot s, which must be < t.size.
+func (t *Table) slot(s uint64) int {
+	if t.small != nil {
+		return int(t.small[s])
+	}
+	return int(t.large[s])
+}
+
+// Backend returns the key of backend i, as passed to Build.
+func (t *Table) Backend(i int) string { return t.backends[i] }
+
+// Backends returns the distinct backend keys in index order.
+func (t *Table) Backends() []string { return slices.Clone(t.backends) }
+
+// Len returns the number of distinct backends.
+func (t *Table) Len() int { return len(t.backends) }
+
+// Size returns the number of slots, M.
+func (t *Table) Size() uint64 { return t.size }
+
+// Preference returns the first n distinct backends for a flow hash, in the
+// order a dial should try them; see AppendPreference.
+func (t *Table) Preference(hash uint64, n int) []int {
+	return t.AppendPreference(make([]int, 0, min(max(n, 0), t.Len())), hash, n)
+}
+
+// AppendPreference appends to dst the first n distinct backends met walking
+// forward from the flow's slot (hash % M, then +1, wrapping), so the first is
+// Lookup(hash) and the rest are deterministic fallbacks that every replica
+// agrees on. n is clamped to Len. It does not allocate when dst has room and
+// the table has at most 1024 backends.
+func (t *Table) AppendPreference(dst []int, hash uint64, n int) []int {
+	n = min(n, t.Len())
+	if n <= 0 {
+		return dst
+	}
+	// seen is a bitset of backends already appended; on the stack for small pools.
+	var stack [16]uint64
+	seen := stack[:]
+	if words := (t.Len() + 63) / 64; words > len(stack) {
+		seen = make([]uint64, words)
+	}
+	s := hash % t.size
+	// Every backend owns at least one slot, so one lap finds all of them.
+	for range t.size {
+		b := t.slot(s)
+		if seen[b/64]&(1<<(b%64)) == 0 {
+			seen[b/64] |= 1 << (b % 64)
+			dst = append(dst, b)
+			if n--; n == 0 {
+				break
+			}
+		}
+		if s++; s == t.size {
+			s = 0
+		}
+	}
+	return dst
+}
