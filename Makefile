@@ -41,7 +41,7 @@ build: ## Build the stickylb binary into bin/.
 .PHONY: test
 test: ## Unit tests and envtest suites against a real kube-apiserver and etcd, with the race detector.
 	@assets="$(ASSETS)"; echo "KUBEBUILDER_ASSETS=$$assets"; \
-	test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }; \
+	test -z "$$(gofmt -l $$(git ls-files -co --exclude-standard '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files -co --exclude-standard '*.go'); exit 1; }; \
 	go vet ./...; \
 	KUBEBUILDER_ASSETS="$$assets" CONTROLLER_GEN="$$assets/controller-gen" \
 		go test -race -count=1 $(GO_TEST_FLAGS) ./...

@@ -133,24 +133,54 @@ func TestRejectsMalformedRules(t *testing.T) {
 		{"serviceName empty", func(r map[string]any) { set(r, "backendPool.serviceName", "") }, []string{"spec.backendPool.serviceName"}},
 		{"serviceName underscore", func(r map[string]any) { set(r, "backendPool.serviceName", "web_svc") }, []string{"spec.backendPool.serviceName", "should match"}},
 		{"serviceName too long", func(r map[string]any) { set(r, "backendPool.serviceName", long(64)) }, []string{"spec.backendPool.serviceName", "Too long"}},
-		{"addresses empty", func(r map[string]any) { set(r, "backendPool.serviceName", nil); set(r, "backendPool.addresses", []any{}) }, []string{"spec.backendPool.addresses"}},
-		{"address not an IP", func(r map[string]any) { set(r, "backendPool.serviceName", nil); set(r, "backendPool.addresses", []any{"backend-1"}) }, []string{"spec.backendPool.addresses[0]", "unicast IPv4 or IPv6 address"}},
+		{"addresses empty", func(r map[string]any) {
+			set(r, "backendPool.serviceName", nil)
+			set(r, "backendPool.addresses", []any{})
+		}, []string{"spec.backendPool.addresses"}},
+		{"address not an IP", func(r map[string]any) {
+			set(r, "backendPool.serviceName", nil)
+			set(r, "backendPool.addresses", []any{"backend-1"})
+		}, []string{"spec.backendPool.addresses[0]", "unicast IPv4 or IPv6 address"}},
 		{"address octet 256", func(r map[string]any) {
 			set(r, "backendPool.serviceName", nil)
 			set(r, "backendPool.addresses", []any{"10.0.0.1", "10.0.0.256"})
 		}, []string{"spec.backendPool.addresses[1]", "unicast IPv4 or IPv6 address"}},
-		{"address CIDR", func(r map[string]any) { set(r, "backendPool.serviceName", nil); set(r, "backendPool.addresses", []any{"10.0.0.0/24"}) }, []string{"spec.backendPool.addresses[0]"}},
-		{"address leading zero", func(r map[string]any) { set(r, "backendPool.serviceName", nil); set(r, "backendPool.addresses", []any{"010.0.0.1"}) }, []string{"spec.backendPool.addresses[0]"}},
-		{"address IPv6 not canonical", func(r map[string]any) { set(r, "backendPool.serviceName", nil); set(r, "backendPool.addresses", []any{"FD00:0:0::1"}) }, []string{"spec.backendPool.addresses[0]", "canonical form"}},
-		{"address unspecified", func(r map[string]any) { set(r, "backendPool.serviceName", nil); set(r, "backendPool.addresses", []any{"0.0.0.0"}) }, []string{"spec.backendPool.addresses[0]"}},
-		{"address IPv6 unspecified", func(r map[string]any) { set(r, "backendPool.serviceName", nil); set(r, "backendPool.addresses", []any{"::"}) }, []string{"spec.backendPool.addresses[0]"}},
-		{"address multicast", func(r map[string]any) { set(r, "backendPool.serviceName", nil); set(r, "backendPool.addresses", []any{"224.0.0.5"}) }, []string{"spec.backendPool.addresses[0]"}},
-		{"address too long", func(r map[string]any) { set(r, "backendPool.serviceName", nil); set(r, "backendPool.addresses", []any{long(46)}) }, []string{"spec.backendPool.addresses[0]", "Too long"}},
+		{"address CIDR", func(r map[string]any) {
+			set(r, "backendPool.serviceName", nil)
+			set(r, "backendPool.addresses", []any{"10.0.0.0/24"})
+		}, []string{"spec.backendPool.addresses[0]"}},
+		{"address leading zero", func(r map[string]any) {
+			set(r, "backendPool.serviceName", nil)
+			set(r, "backendPool.addresses", []any{"010.0.0.1"})
+		}, []string{"spec.backendPool.addresses[0]"}},
+		{"address IPv6 not canonical", func(r map[string]any) {
+			set(r, "backendPool.serviceName", nil)
+			set(r, "backendPool.addresses", []any{"FD00:0:0::1"})
+		}, []string{"spec.backendPool.addresses[0]", "canonical form"}},
+		{"address unspecified", func(r map[string]any) {
+			set(r, "backendPool.serviceName", nil)
+			set(r, "backendPool.addresses", []any{"0.0.0.0"})
+		}, []string{"spec.backendPool.addresses[0]"}},
+		{"address IPv6 unspecified", func(r map[string]any) {
+			set(r, "backendPool.serviceName", nil)
+			set(r, "backendPool.addresses", []any{"::"})
+		}, []string{"spec.backendPool.addresses[0]"}},
+		{"address multicast", func(r map[string]any) {
+			set(r, "backendPool.serviceName", nil)
+			set(r, "backendPool.addresses", []any{"224.0.0.5"})
+		}, []string{"spec.backendPool.addresses[0]"}},
+		{"address too long", func(r map[string]any) {
+			set(r, "backendPool.serviceName", nil)
+			set(r, "backendPool.addresses", []any{long(46)})
+		}, []string{"spec.backendPool.addresses[0]", "Too long"}},
 		{"address duplicate", func(r map[string]any) {
 			set(r, "backendPool.serviceName", nil)
 			set(r, "backendPool.addresses", []any{"10.0.0.1", "10.0.0.2", "10.0.0.1"})
 		}, []string{"spec.backendPool.addresses[2]", "Duplicate value"}},
-		{"addresses over 1000", func(r map[string]any) { set(r, "backendPool.serviceName", nil); set(r, "backendPool.addresses", ips(1001, "10.1.%d.%d")) }, []string{"spec.backendPool.addresses", "Too many"}},
+		{"addresses over 1000", func(r map[string]any) {
+			set(r, "backendPool.serviceName", nil)
+			set(r, "backendPool.addresses", ips(1001, "10.1.%d.%d"))
+		}, []string{"spec.backendPool.addresses", "Too many"}},
 		{"backendPort missing", func(r map[string]any) { set(r, "backendPort", nil) }, []string{"spec.backendPort", "Required"}},
 		{"backendPort 0", func(r map[string]any) { set(r, "backendPort", 0) }, []string{"spec.backendPort", "greater than or equal to 1"}},
 		{"backendPort 70000", func(r map[string]any) { set(r, "backendPort", 70000) }, []string{"spec.backendPort", "less than or equal to 65535"}},
@@ -223,12 +253,19 @@ func TestAcceptsValidEdgeCases(t *testing.T) {
 	}{
 		{"the base rule", func(map[string]any) {}},
 		{"lowest ports", func(r map[string]any) { set(r, "frontend.port", 1); set(r, "backendPort", 1); set(r, "probe.port", 1) }},
-		{"highest ports", func(r map[string]any) { set(r, "frontend.port", 65535); set(r, "backendPort", 65535); set(r, "probe.port", 65535) }},
+		{"highest ports", func(r map[string]any) {
+			set(r, "frontend.port", 65535)
+			set(r, "backendPort", 65535)
+			set(r, "probe.port", 65535)
+		}},
 		{"idle timeout bounds low", func(r map[string]any) { set(r, "idleTimeoutInMinutes", 4) }},
 		{"idle timeout bounds high", func(r map[string]any) { set(r, "idleTimeoutInMinutes", 100) }},
 		{"frontend name of 50 characters", func(r map[string]any) { set(r, "frontend.name", "f"+strings.Repeat("0", 49)) }},
 		{"service name of 63 characters", func(r map[string]any) { set(r, "backendPool.serviceName", "s"+strings.Repeat("1", 62)) }},
-		{"1000 IPv4 addresses", func(r map[string]any) { set(r, "backendPool.serviceName", nil); set(r, "backendPool.addresses", ips(1000, "10.2.%d.%d")) }},
+		{"1000 IPv4 addresses", func(r map[string]any) {
+			set(r, "backendPool.serviceName", nil)
+			set(r, "backendPool.addresses", ips(1000, "10.2.%d.%d"))
+		}},
 		{"1000 IPv6 addresses of the longest form", func(r map[string]any) {
 			set(r, "backendPool.serviceName", nil)
 			a := make([]any, 1000)
@@ -241,7 +278,10 @@ func TestAcceptsValidEdgeCases(t *testing.T) {
 			set(r, "backendPool.serviceName", nil)
 			set(r, "backendPool.addresses", []any{"10.0.0.1", "fd00::1", "192.168.1.20", "2001:db8::5"})
 		}},
-		{"loopback backends", func(r map[string]any) { set(r, "backendPool.serviceName", nil); set(r, "backendPool.addresses", []any{"127.0.1.1", "::1"}) }},
+		{"loopback backends", func(r map[string]any) {
+			set(r, "backendPool.serviceName", nil)
+			set(r, "backendPool.addresses", []any{"127.0.1.1", "::1"})
+		}},
 		{"HTTPS probe", func(r map[string]any) { set(r, "probe.protocol", "HTTPS") }},
 		{"TCP probe without path and port", func(r map[string]any) {
 			set(r, "probe", map[string]any{"protocol": "TCP"})
@@ -250,7 +290,11 @@ func TestAcceptsValidEdgeCases(t *testing.T) {
 		{"longest probe path", func(r map[string]any) { set(r, "probe.requestPath", "/"+strings.Repeat("p", 1023)) }},
 		{"probe path with query", func(r map[string]any) { set(r, "probe.requestPath", "/health?full=1") }},
 		{"no probe", func(r map[string]any) { set(r, "probe", nil) }},
-		{"UDP without reset", func(r map[string]any) { set(r, "protocol", "UDP"); set(r, "enableTcpReset", false); set(r, "probe", nil) }},
+		{"UDP without reset", func(r map[string]any) {
+			set(r, "protocol", "UDP")
+			set(r, "enableTcpReset", false)
+			set(r, "probe", nil)
+		}},
 		{"All with reset", func(r map[string]any) { set(r, "protocol", "All"); set(r, "enableTcpReset", true) }},
 		{"every persistence mode", func(r map[string]any) { set(r, "sessionPersistence", "ClientIPProtocol") }},
 		{"persistence None", func(r map[string]any) { set(r, "sessionPersistence", "None") }},
