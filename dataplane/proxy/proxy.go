@@ -1,0 +1,267 @@
+// Package proxy is the dataplane: userspace TCP and UDP listeners that pin
+// clients to backends with Maglev tables, as Azure Load Balancer's session
+// persistence does.
+//
+// Configuration arrives as an immutable snapshot.Snapshot through Apply,
+// which opens new listeners, closes the ones that are gone and swaps the
+// rest in place without dropping a connection. The hot path reads the
+// configuration through atomic pointers and never takes a lock to do so.
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"reflect"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/go-logr/logr"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/stickylb/stickylb/dataplane/health"
+	"github.com/stickylb/stickylb/dataplane/snapshot"
+)
+
+// maxDialAttempts is the primary backend plus two retries down the client's
+// Maglev preference order.
+const maxDialAttempts = 3
+
+// Options bound what the proxy may use. Zero values take the defaults.
+type Options struct {
+	// DialTimeout bounds a connection attempt to a backend (default 5s).
+	DialTimeout time.Duration
+	// MaxConnections caps established TCP connections (default 100000).
+	MaxConnections int
+	// MaxConnectionsPerClient caps TCP connections from one client IP (default 1000).
+	MaxConnectionsPerClient int
+	// MaxUDPSessions caps UDP sessions per listener (default 65536).
+	MaxUDPSessions int
+	// MaxUDPSessionsPerClient caps UDP sessions from one client IP (default 256).
+	MaxUDPSessionsPerClient int
+	// Registerer receives the proxy's metrics (default: a private registry).
+	Registerer prometheus.Registerer
+	Log        logr.Logger
+}
+
+func (o *Options) defaults() {
+	if o.DialTimeout <= 0 {
+		o.DialTimeout = 5 * time.Second
+	}
+	if o.MaxConnections <= 0 {
+		o.MaxConnections = 100000
+	}
+	if o.MaxConnectionsPerClient <= 0 {
+		o.MaxConnectionsPerClient = 1000
+	}
+	if o.MaxUDPSessions <= 0 {
+		o.MaxUDPSessions = 65536
+	}
+	if o.MaxUDPSessionsPerClient <= 0 {
+		o.MaxUDPSessionsPerClient = 256
+	}
+	if o.Registerer == nil {
+		o.Registerer = prometheus.NewRegistry()
+	}
+}
+
+// listener is one listening socket serving one rule.
+type listener interface {
+	serve(rs *ruleState)
+	close()
+}
+
+// Proxy serves the current snapshot.
+type Proxy struct {
+	opts    Options
+	log     logr.Logger
+	metrics *metrics
+	monitor *health.Monitor
+
+	mu        sync.Mutex // serialises Apply and Shutdown; never taken on the hot path
+	current   *snapshot.Snapshot
+	rules     map[string]*ruleState
+	listeners map[snapshot.ListenerKey]listener
+	// byTarget maps a health target to the rules probing it, for probe notifications.
+	byTarget atomic.Pointer[map[health.Target][]*ruleState]
+
+	shutdown atomic.Bool
+	tcpConns atomic.Int64
+	clients  clientCounter
+	flows    flowSet
+}
+
+// New returns a proxy serving nothing until the first Apply.
+func New(opts Options) (*Proxy, error) {
+	opts.defaults()
+	m, err := newMetrics(opts.Registerer)
+	if err != nil {
+		return nil, fmt.Errorf("register metrics: %w", err)
+	}
+	p := &Proxy{
+		opts:      opts,
+		log:       opts.Log,
+		metrics:   m,
+		rules:     map[string]*ruleState{},
+		listeners: map[snapshot.ListenerKey]listener{},
+	}
+	p.clients.init()
+	p.flows.init()
+	empty := map[health.Target][]*ruleState{}
+	p.byTarget.Store(&empty)
+	p.monitor = health.New(p.onProbeTransition)
+	return p, nil
+}
+
+// onProbeTransition rebuilds the pools of the rules probing the target. It
+// runs on a probe goroutine, so it touches no Apply state.
+func (p *Proxy) onProbeTransition(t health.Transition) {
+	p.log.Info("backend health changed", "backend", t.Target.String(), "up", t.Up, "reason", t.Reason)
+	for _, rs := range (*p.byTarget.Load())[t.Target] {
+		rs.rebuild(p.monitor.Status, p.metrics)
+	}
+}
+
+// Version is the version of the snapshot being served (0 before the first Apply).
+func (p *Proxy) Version() uint64 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.current == nil {
+		return 0
+	}
+	return p.current.Version
+}
+
+// ErrShutdown is returned by Apply after Shutdown.
+var ErrShutdown = errors.New("proxy is shut down")
+
+// Apply serves s from now on. Listeners new in s are opened, those gone are
+// closed (their established TCP flows drain), and the others switch to their
+// new rule in place. It returns the rules whose listeners could not be
+// opened; the rest of s is served regardless. Apply retries such listeners
+// on the next call.
+func (p *Proxy) Apply(s *snapshot.Snapshot) (failed map[string]error, err error) {
+	if err := s.Validate(); err != nil {
+		return nil, err
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.shutdown.Load() {
+		return nil, ErrShutdown
+	}
+
+	rules := make(map[string]*ruleState, len(s.Rules))
+	var fresh []*ruleState
+	byTarget := map[health.Target][]*ruleState{}
+	var targets []health.Target
+	for i := range s.Rules {
+		r := &s.Rules[i]
+		rs, ok := p.rules[r.Name]
+		if !ok || !reflect.DeepEqual(rs.rule, r) {
+			if ok {
+				p.forgetRemovedBackends(rs.rule, r)
+			}
+			rs = newRuleState(r, p.metrics)
+			fresh = append(fresh, rs)
+		}
+		rules[r.Name] = rs
+		for _, b := range r.Backends {
+			if t, ok := probeTarget(r, b.Addr); ok {
+				if byTarget[t] == nil {
+					targets = append(targets, t)
+				}
+				byTarget[t] = append(byTarget[t], rs)
+			}
+		}
+	}
+	for name, rs := range p.rules {
+		if _, ok := rules[name]; !ok {
+			p.metrics.forgetRule(rs.rule.Name)
+		}
+	}
+	// Probers start (Up) before the pools are built so that every pool sees
+	// a known status; unchanged targets keep theirs.
+	if err := p.monitor.Update(targets); err != nil {
+		p.log.Error(err, "some health probes could not start")
+	}
+	p.byTarget.Store(&byTarget)
+	for _, rs := range fresh {
+		rs.rebuild(p.monitor.Status, p.metrics)
+	}
+
+	failed = map[string]error{}
+	want := map[snapshot.ListenerKey]*ruleState{}
+	for _, rs := range rules {
+		for _, k := range rs.rule.Listeners() {
+			want[k] = rs
+		}
+	}
+	for k, l := range p.listeners {
+		if _, ok := want[k]; !ok {
+			l.close()
+			delete(p.listeners, k)
+		}
+	}
+	for k, rs := range want {
+		if l, ok := p.listeners[k]; ok {
+			l.serve(rs)
+			continue
+		}
+		l, err := p.listen(k)
+		if err != nil {
+			failed[rs.rule.Name] = err
+			p.log.Error(err, "cannot listen", "rule", rs.rule.Name, "listener", k.String())
+			continue
+		}
+		p.listeners[k] = l
+		l.serve(rs)
+	}
+	p.rules = rules
+	p.current = s
+	p.metrics.version.Set(float64(s.Version))
+	return failed, nil
+}
+
+func (p *Proxy) forgetRemovedBackends(old, cur *snapshot.Rule) {
+	keep := make(map[netip.AddrPort]bool, len(cur.Backends))
+	for _, b := range cur.Backends {
+		keep[b.Addr] = true
+	}
+	for _, b := range old.Backends {
+		if !keep[b.Addr] {
+			p.metrics.forgetBackend(old.Name, b.Addr.String())
+		}
+	}
+}
+
+func (p *Proxy) listen(k snapshot.ListenerKey) (listener, error) {
+	switch k.Protocol {
+	case snapshot.TCP:
+		return p.listenTCP(k)
+	case snapshot.UDP:
+		return p.listenUDP(k)
+	}
+	return nil, fmt.Errorf("listener %s: unsupported protocol", k)
+}
+
+// Shutdown stops accepting, lets established TCP flows finish until ctx is
+// done, then closes what is left. UDP listeners and sessions close at once:
+// UDP has no end of flow to wait for.
+func (p *Proxy) Shutdown(ctx context.Context) error {
+	p.mu.Lock()
+	p.shutdown.Store(true)
+	for k, l := range p.listeners {
+		l.close()
+		delete(p.listeners, k)
+	}
+	p.mu.Unlock()
+	p.monitor.Close()
+	err := p.flows.wait(ctx)
+	if err != nil {
+		p.log.Info("drain timeout: closing remaining connections", "flows", p.flows.count())
+	}
+	p.flows.closeAll()
+	return err
+}
