@@ -1,13 +1,242 @@
 package main
 
 import (
+	"context"
+	"errors"
+	"flag"
 	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
 	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/fsnotify/fsnotify"
+	"github.com/go-logr/logr"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"sigs.k8s.io/controller-runtime/pkg/log/zap"
+
+	"github.com/stickylb/stickylb/dataplane/proxy"
+	"github.com/stickylb/stickylb/dataplane/rulesfile"
+	"github.com/stickylb/stickylb/dataplane/snapshot"
+	"github.com/stickylb/stickylb/dataplane/translate"
 )
 
-// runProxy runs the dataplane alone from a file of rules. The dataplane lands
-// with its own issue; until then the subcommand says so and fails.
+// proxyOptions are the flags of `stickylb proxy`.
+type proxyOptions struct {
+	rules        string
+	bind         string
+	metricsAddr  string
+	drainTimeout time.Duration
+	limits       proxy.Options
+	zap          zap.Options
+}
+
+// proxyFlags declares the flags of `stickylb proxy` into o.
+func proxyFlags(o *proxyOptions) *flag.FlagSet {
+	fs := flag.NewFlagSet("stickylb proxy", flag.ContinueOnError)
+	fs.StringVar(&o.rules, "rules", "", "YAML file of LoadBalancerRule objects with IP-based pools (backendPool.addresses); required. Reloaded on SIGHUP and when the file changes; a bad file is refused and the last good one keeps serving")
+	fs.StringVar(&o.bind, "bind-address", "127.0.0.1", "address every frontend listens on (0.0.0.0 or :: for all)")
+	fs.StringVar(&o.metricsAddr, "metrics-bind-address", ":8080", "address of the Prometheus /metrics endpoint; \"0\" disables it")
+	fs.DurationVar(&o.drainTimeout, "drain-timeout", 30*time.Second, "on SIGTERM, how long established TCP connections may take to finish before they are closed")
+	fs.DurationVar(&o.limits.DialTimeout, "dial-timeout", 5*time.Second, "timeout of one connection attempt to a backend (up to 3 backends are tried)")
+	fs.IntVar(&o.limits.MaxConnections, "max-connections", 100000, "cap on established TCP connections; past it new ones are reset")
+	fs.IntVar(&o.limits.MaxConnectionsPerClient, "max-connections-per-client", 1000, "cap on TCP connections from one client IP")
+	fs.IntVar(&o.limits.MaxUDPSessions, "max-udp-sessions", 65536, "cap on UDP sessions per frontend; past it datagrams of new clients are dropped")
+	fs.IntVar(&o.limits.MaxUDPSessionsPerClient, "max-udp-sessions-per-client", 256, "cap on UDP sessions (source ports) from one client IP")
+	o.zap.BindFlags(fs)
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "Usage: stickylb proxy --rules FILE [flags]\n\nServes the rules of FILE without a cluster: the dataplane alone.\n\nFlags:\n")
+		fs.PrintDefaults()
+	}
+	return fs
+}
+
+func parseProxyFlags(args []string) (*proxyOptions, error) {
+	o := &proxyOptions{}
+	fs := proxyFlags(o)
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if o.rules == "" {
+		fs.Usage()
+		return nil, errors.New("--rules is required")
+	}
+	return o, nil
+}
+
 func runProxy(args []string) int {
-	fmt.Fprintln(os.Stderr, "stickylb proxy: the standalone dataplane is not built yet")
-	return 2
+	o, err := parseProxyFlags(args)
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "stickylb proxy:", err)
+		return 2
+	}
+	log := zap.New(zap.UseFlagOptions(&o.zap)).WithName("proxy")
+	bind, err := netip.ParseAddr(o.bind)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "stickylb proxy: --bind-address: %v\n", err)
+		return 2
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
+	o.limits.Registerer = reg
+	o.limits.Log = log
+	p, err := proxy.New(o.limits)
+	if err != nil {
+		log.Error(err, "start proxy")
+		return 1
+	}
+	reloads := newReloadMetrics(reg)
+	if o.metricsAddr != "0" {
+		// Bind before serving traffic: a taken metrics port is a start-up error.
+		ln, err := net.Listen("tcp", o.metricsAddr)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "stickylb proxy: --metrics-bind-address: %v\n", err)
+			return 1
+		}
+		srv := &http.Server{Handler: promhttp.HandlerFor(reg, promhttp.HandlerOpts{}), ReadHeaderTimeout: 10 * time.Second}
+		go func() { _ = srv.Serve(ln) }()
+		defer srv.Close()
+	}
+	ld := &loader{path: o.rules, bind: bind, proxy: p, log: log, metrics: reloads}
+	if err := ld.load(); err != nil {
+		fmt.Fprintf(os.Stderr, "stickylb proxy: %v\n", err)
+		return 1
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	go ld.watch(ctx)
+
+	<-ctx.Done()
+	log.Info("shutting down: draining connections", "timeout", o.drainTimeout)
+	dctx, cancel := context.WithTimeout(context.Background(), o.drainTimeout)
+	defer cancel()
+	if err := p.Shutdown(dctx); err != nil {
+		log.Info("drain timeout passed; remaining connections closed")
+	}
+	return 0
+}
+
+type reloadMetrics struct {
+	success  prometheus.Gauge
+	failures prometheus.Counter
+}
+
+func newReloadMetrics(reg prometheus.Registerer) *reloadMetrics {
+	m := &reloadMetrics{
+		success: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: "stickylb", Name: "rules_file_last_load_success",
+			Help: "1 when the last load of the rules file succeeded, 0 when it was refused and the previous rules are still served."}),
+		failures: prometheus.NewCounter(prometheus.CounterOpts{Namespace: "stickylb", Name: "rules_file_load_failures_total",
+			Help: "Loads of the rules file that were refused."}),
+	}
+	reg.MustRegister(m.success, m.failures)
+	return m
+}
+
+// loader reads the rules file and applies it to the proxy.
+type loader struct {
+	path    string
+	bind    netip.Addr
+	proxy   *proxy.Proxy
+	log     logr.Logger
+	metrics *reloadMetrics
+	version uint64
+	last    []byte
+}
+
+// load parses, validates and applies the file; on any error the proxy keeps
+// serving what it had.
+func (l *loader) load() error {
+	data, err := os.ReadFile(l.path)
+	if err != nil {
+		return l.refuse(fmt.Errorf("read rules: %w", err))
+	}
+	if l.last != nil && string(data) == string(l.last) {
+		return nil
+	}
+	rules, err := rulesfile.Parse(filepath.Base(l.path), data)
+	if err != nil {
+		return l.refuse(err)
+	}
+	snap, err := translate.FromRules(rules, l.bind, l.version+1)
+	if err != nil {
+		return l.refuse(err)
+	}
+	failed, err := l.proxy.Apply(&snap)
+	if err != nil {
+		return l.refuse(err)
+	}
+	l.version++
+	l.last = data
+	l.metrics.success.Set(1)
+	for name, err := range failed {
+		l.log.Error(err, "rule not served", "rule", name)
+	}
+	l.log.Info("rules loaded", "file", l.path, "version", l.version, "rules", len(rules), "listeners", listeners(&snap))
+	return nil
+}
+
+func (l *loader) refuse(err error) error {
+	l.metrics.success.Set(0)
+	l.metrics.failures.Inc()
+	return err
+}
+
+func listeners(s *snapshot.Snapshot) []string {
+	var out []string
+	for i := range s.Rules {
+		for _, k := range s.Rules[i].Listeners() {
+			out = append(out, s.Rules[i].Name+"="+k.String())
+		}
+	}
+	return out
+}
+
+// watch reloads on SIGHUP and when the file changes. It watches the
+// directory, not the file, so that editors and ConfigMap updates that
+// replace the file by renaming are seen.
+func (l *loader) watch(ctx context.Context) {
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	var events chan fsnotify.Event
+	w, err := fsnotify.NewWatcher()
+	if err == nil {
+		defer w.Close()
+		if err = w.Add(filepath.Dir(l.path)); err == nil {
+			events = w.Events
+		}
+	}
+	if err != nil {
+		l.log.Error(err, "cannot watch the rules file; reload with SIGHUP")
+	}
+	var debounce <-chan time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-hup:
+			l.reload("SIGHUP")
+		case ev := <-events:
+			if filepath.Base(ev.Name) == filepath.Base(l.path) || filepath.Base(ev.Name) == "..data" {
+				debounce = time.After(100 * time.Millisecond)
+			}
+		case <-debounce:
+			l.reload("file changed")
+		}
+	}
+}
+
+func (l *loader) reload(why string) {
+	if err := l.load(); err != nil {
+		l.log.Error(err, "rules refused; still serving the previous rules", "trigger", why, "version", l.version)
+	}
 }

@@ -19,7 +19,7 @@ func httpProbe(interval time.Duration, threshold int, allProbedUp bool) ruleOpt 
 func TestProbeDownStopsNewFlowsAndKeepsEstablishedOnes(t *testing.T) {
 	backends := startBackends(t, 3, 9020)
 	for _, b := range backends {
-		b.serveHealth(t, 9100)
+		b.ServeHealth(t, 9100)
 	}
 	port := freePort(t)
 	p := newProxy(t, Options{})
@@ -30,7 +30,7 @@ func TestProbeDownStopsNewFlowsAndKeepsEstablishedOnes(t *testing.T) {
 	victim := backends[0]
 	client := -1
 	for i := range 100 {
-		if mustBackendOf(t, clientIP(i), port) == victim.name {
+		if mustBackendOf(t, clientIP(i), port) == victim.Name {
 			client = i
 			break
 		}
@@ -44,27 +44,27 @@ func TestProbeDownStopsNewFlowsAndKeepsEstablishedOnes(t *testing.T) {
 	}
 	defer established.Close()
 	udp := udpClient(t, clientIP(client), port)
-	if got, err := udpExchange(t, udp); err != nil || got != victim.name {
-		t.Fatalf("UDP session went to %q (%v), want %s", got, err, victim.name)
+	if got, err := udpExchange(t, udp); err != nil || got != victim.Name {
+		t.Fatalf("UDP session went to %q (%v), want %s", got, err, victim.Name)
 	}
 
-	victim.healthy.Store(false)
+	victim.Healthy.Store(false)
 	took := eventually(t, interval*threshold+time.Second, "probe-down takes the backend out", func() bool {
-		return mustBackendOf(t, clientIP(client), port) != victim.name
+		return mustBackendOf(t, clientIP(client), port) != victim.Name
 	})
 	t.Logf("probe down after %v (interval %v x threshold %d)", took, interval, threshold)
 	echo(t, established, "established flows continue")
 	// The UDP session (same source port) moves on its next datagram.
-	if got, err := udpExchange(t, udp); err != nil || got == victim.name {
+	if got, err := udpExchange(t, udp); err != nil || got == victim.Name {
 		t.Fatalf("UDP session after probe-down answered by %q (%v)", got, err)
 	}
-	if got := p.counter(p.metrics.probeStatus.WithLabelValues("default/web", victim.addr.String())); got != 0 {
+	if got := p.counter(p.metrics.probeStatus.WithLabelValues("default/web", victim.Addr.String())); got != 0 {
 		t.Errorf("health_probe_status = %v, want 0", got)
 	}
 
-	victim.healthy.Store(true)
+	victim.Healthy.Store(true)
 	eventually(t, interval*threshold+time.Second, "probe-up brings the backend back", func() bool {
-		return mustBackendOf(t, clientIP(client), port) == victim.name
+		return mustBackendOf(t, clientIP(client), port) == victim.Name
 	})
 }
 
@@ -74,7 +74,7 @@ func TestAllProbedDown(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			backends := startBackends(t, 2, 9021)
 			for _, b := range backends {
-				b.serveHealth(t, 9100)
+				b.ServeHealth(t, 9100)
 			}
 			port := freePort(t)
 			p := newProxy(t, Options{})
@@ -85,11 +85,11 @@ func TestAllProbedDown(t *testing.T) {
 			}
 			defer established.Close()
 			for _, b := range backends {
-				b.healthy.Store(false)
+				b.Healthy.Store(false)
 			}
 			eventually(t, 2*time.Second, "both probed down", func() bool {
-				return p.counter(p.metrics.probeStatus.WithLabelValues("default/web", backends[0].addr.String())) == 0 &&
-					p.counter(p.metrics.probeStatus.WithLabelValues("default/web", backends[1].addr.String())) == 0
+				return p.counter(p.metrics.probeStatus.WithLabelValues("default/web", backends[0].Addr.String())) == 0 &&
+					p.counter(p.metrics.probeStatus.WithLabelValues("default/web", backends[1].Addr.String())) == 0
 			})
 			echo(t, established, "established TCP continues either way")
 			_, c, err := backendOf(clientIP(2), port)
@@ -124,7 +124,7 @@ func TestDrainingBackendTakesNoNewFlows(t *testing.T) {
 	before := pins(t, 60, port)
 	client := -1
 	for i, b := range before {
-		if b == backends[1].name {
+		if b == backends[1].Name {
 			client = i
 			break
 		}
@@ -144,15 +144,15 @@ func TestDrainingBackendTakesNoNewFlows(t *testing.T) {
 	}))
 	after := pins(t, 60, port)
 	for i := range before {
-		if after[i] == backends[1].name {
+		if after[i] == backends[1].Name {
 			t.Errorf("%s got a new flow on the draining backend", clientIP(i))
 		}
-		if before[i] != backends[1].name && after[i] != before[i] {
+		if before[i] != backends[1].Name && after[i] != before[i] {
 			t.Errorf("%s moved though its backend is not draining", clientIP(i))
 		}
 	}
 	echo(t, flow, "draining flows finish")
-	if got, err := udpExchange(t, udp); err != nil || got != backends[1].name {
+	if got, err := udpExchange(t, udp); err != nil || got != backends[1].Name {
 		t.Errorf("UDP session on a draining backend: %q, %v; want it kept", got, err)
 	}
 }
@@ -197,7 +197,7 @@ func TestUDPSessions(t *testing.T) {
 	// The session moves when its backend leaves the pool.
 	var rest []*backendServer
 	for _, s := range backends {
-		if s.name != first {
+		if s.Name != first {
 			rest = append(rest, s)
 		}
 	}

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/stickylb/stickylb/dataplane/snapshot"
+	"github.com/stickylb/stickylb/internal/testbackend"
 )
 
 func TestClientIPPinsEveryClientAndSpreadsEvenly(t *testing.T) {
@@ -135,15 +136,7 @@ func TestPersistenceModes(t *testing.T) {
 	})
 }
 
-// pins maps each of n clients to its backend.
-func pins(t *testing.T, n int, port uint16) []string {
-	t.Helper()
-	out := make([]string, n)
-	for i := range out {
-		out[i] = mustBackendOf(t, clientIP(i), port)
-	}
-	return out
-}
+func pins(t *testing.T, n int, port uint16) []string { return testbackend.Pins(t, n, frontend(port)) }
 
 func TestPoolChangesMoveFewClients(t *testing.T) {
 	backends := startBackends(t, 11, 9003)
@@ -155,10 +148,10 @@ func TestPoolChangesMoveFewClients(t *testing.T) {
 	before := pins(t, clients, port)
 
 	// Remove 127.0.1.3: only its clients move, plus under 1% of the others.
-	removed := ten[2].name
+	removed := ten[2].Name
 	var rest []*backendServer
 	for _, b := range ten {
-		if b.name != removed {
+		if b.Name != removed {
 			rest = append(rest, b)
 		}
 	}
@@ -188,7 +181,7 @@ func TestPoolChangesMoveFewClients(t *testing.T) {
 	for i := range before {
 		if added[i] != before[i] {
 			moved++
-			if added[i] != backends[10].name {
+			if added[i] != backends[10].Name {
 				movedElsewhere++
 			}
 		}
@@ -211,7 +204,7 @@ func TestEstablishedConnectionSurvivesPoolChange(t *testing.T) {
 	defer c.Close()
 	var rest []*backendServer
 	for _, b := range backends {
-		if b.name != name {
+		if b.Name != name {
 			rest = append(rest, b)
 		}
 	}
@@ -375,13 +368,13 @@ func TestDialFailureRetriesNextBackend(t *testing.T) {
 	p.apply(t, rule("web", port, backends))
 	before := pins(t, 60, port)
 	dead := backends[0]
-	dead.stop() // still in the pool, but refuses connections
+	dead.Stop() // still in the pool, but refuses connections
 	after := pins(t, 60, port)
 	retried := 0
 	for i := range before {
-		if before[i] == dead.name {
+		if before[i] == dead.Name {
 			retried++
-			if after[i] == dead.name {
+			if after[i] == dead.Name {
 				t.Errorf("%s served by a dead backend", clientIP(i))
 			}
 		} else if after[i] != before[i] {
