@@ -46,6 +46,10 @@ test: ## Unit tests and envtest suites against a real kube-apiserver and etcd, w
 	KUBEBUILDER_ASSETS="$$assets" CONTROLLER_GEN="$$assets/controller-gen" \
 		go test -race -count=1 $(GO_TEST_FLAGS) ./...
 
+.PHONY: bench
+bench: ## Dataplane benchmark: stickylb proxy vs direct vs HAProxy, then the Go microbenchmarks and the issue's targets.
+	hack/bench.sh
+
 .PHONY: assets
 assets: ## Build (or find in the cache) the test binaries and print KUBEBUILDER_ASSETS.
 	@echo "$(ASSETS)"

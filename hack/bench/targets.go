@@ -1,0 +1,375 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+const (
+	targetDirect   = "direct"
+	targetStickylb = "stickylb"
+	targetHAProxy  = "haproxy"
+
+	// Frontend ports are searched upward from here, below the ephemeral range
+	// so that no outgoing connection's source port can take them.
+	stickylbFirstPort = 18080
+	haproxyFirstPort  = 18090
+
+	startTimeout = 5 * time.Second
+	stopTimeout  = 10 * time.Second
+)
+
+// A target is one way of reaching the backends.
+type target struct {
+	name        string
+	bin         string
+	unavailable string // why the column is empty; "" when usable
+}
+
+// A session is a running target: fresh for each test, so no test inherits
+// another's heap, connections or TIME_WAIT state.
+type session struct {
+	proxy *child // nil for the direct target
+	tcp   func(client int) string
+	udp   func(client int) string
+}
+
+func (s *session) pid() int {
+	if s.proxy == nil {
+		return 0
+	}
+	return s.proxy.cmd.Process.Pid
+}
+
+func directSession(backendPort int) *session {
+	addr := func(client int) string {
+		return net.JoinHostPort(backendIPs[client%len(backendIPs)], strconv.Itoa(backendPort))
+	}
+	return &session{tcp: addr, udp: addr}
+}
+
+func proxySession(c *child, port int) *session {
+	addr := func(int) string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(port)) }
+	return &session{proxy: c, tcp: addr, udp: addr}
+}
+
+func (r *runner) stickylbTarget() *target {
+	t := &target{name: targetStickylb, bin: r.stickylb}
+	if t.bin == "" {
+		t.unavailable = "not requested (-stickylb \"\")"
+	} else if _, err := os.Stat(t.bin); err != nil {
+		t.unavailable = err.Error()
+	}
+	return t
+}
+
+func (r *runner) haproxyTarget() *target {
+	t := &target{name: targetHAProxy}
+	if r.haproxy == "" {
+		t.unavailable = "not requested (-haproxy \"\")"
+		return t
+	}
+	bin, err := exec.LookPath(r.haproxy)
+	if err != nil {
+		t.unavailable = err.Error()
+	}
+	t.bin = bin
+	return t
+}
+
+// start runs the target and waits until its frontend accepts connections.
+func (r *runner) start(t *target) (*session, error) {
+	switch t.name {
+	case targetDirect:
+		return directSession(r.backendPort), nil
+	case targetStickylb:
+		return r.startProxy(t, stickylbFirstPort, func(port int) ([]string, error) {
+			rules := filepath.Join(r.tmp, "rules.yaml")
+			if err := os.WriteFile(rules, []byte(r.rulesYAML(port)), 0o644); err != nil {
+				return nil, err
+			}
+			return []string{"proxy", "--rules", rules, "--bind-address", "127.0.0.1", "--metrics-bind-address", "0"}, nil
+		}, syscall.SIGTERM)
+	case targetHAProxy:
+		return r.startProxy(t, haproxyFirstPort, func(port int) ([]string, error) {
+			cfg := filepath.Join(r.tmp, "haproxy.cfg")
+			if err := os.WriteFile(cfg, []byte(r.haproxyConfig(port)), 0o644); err != nil {
+				return nil, err
+			}
+			return []string{"-db", "-f", cfg}, nil
+		}, syscall.SIGUSR1) // HAProxy's graceful stop; on SIGTERM it dies of the signal
+	}
+	return nil, fmt.Errorf("unknown target %q", t.name)
+}
+
+func (r *runner) startProxy(t *target, firstPort int, args func(port int) ([]string, error), stopSignal syscall.Signal) (*session, error) {
+	port, err := freePort(firstPort)
+	if err != nil {
+		return nil, err
+	}
+	a, err := args(port)
+	if err != nil {
+		return nil, err
+	}
+	c := newChild(t.name, t.bin, a...)
+	c.stopSignal = stopSignal
+	if err := c.start(); err != nil {
+		return nil, &startError{err}
+	}
+	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+	if err := waitAccepting(addr, c, startTimeout); err != nil {
+		c.stop()
+		return nil, &startError{err}
+	}
+	return proxySession(c, port), nil
+}
+
+// A startError means the target never served: its column is unavailable.
+type startError struct{ err error }
+
+func (e *startError) Error() string { return e.err.Error() }
+func (e *startError) Unwrap() error { return e.err }
+
+// stop ends a session. A proxy must exit 0 on its stop signal.
+func (s *session) stop() error {
+	if s.proxy == nil {
+		return nil
+	}
+	if err := s.proxy.stop(); err != nil {
+		return fmt.Errorf("on %v: %w", s.proxy.stopSignal, err)
+	}
+	return nil
+}
+
+func (r *runner) rulesYAML(port int) string {
+	return fmt.Sprintf(`# Written by hack/bench: one rule, TCP and UDP, over the benchmark backends.
+apiVersion: lb.stickylb.io/v1alpha1
+kind: LoadBalancerRule
+metadata:
+  name: bench
+  namespace: default
+spec:
+  frontend:
+    name: bench
+    port: %d
+  backendPool:
+    addresses: [%s]
+  backendPort: %d
+  protocol: All
+  sessionPersistence: ClientIP
+  idleTimeoutInMinutes: 5
+`, port, strings.Join(backendIPs, ", "), r.backendPort)
+}
+
+// haproxyConfig is HAProxy's nearest equivalent of the rule: TCP only (the
+// community edition cannot proxy UDP), source-IP hashing on a consistent
+// hash ring, idle timeouts long enough for the idle test, defaults otherwise.
+func (r *runner) haproxyConfig(port int) string {
+	var servers strings.Builder
+	for i, ip := range backendIPs {
+		fmt.Fprintf(&servers, "    server b%d %s:%d\n", i+1, ip, r.backendPort)
+	}
+	maxconn := r.idleConns + 1000
+	return fmt.Sprintf(`# Written by hack/bench.
+global
+    maxconn %d
+    nbthread 2
+
+defaults
+    mode tcp
+    maxconn %d
+    timeout connect 5s
+    timeout client 5m
+    timeout server 5m
+
+frontend bench
+    bind 127.0.0.1:%d
+    default_backend pool
+
+backend pool
+    balance source
+    hash-type consistent
+%s`, maxconn, maxconn, port, servers.String())
+}
+
+// freePort returns the first port from first that is free for TCP and UDP on
+// 127.0.0.1.
+func freePort(first int) (int, error) {
+	for port := first; port < first+100; port++ {
+		addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			continue
+		}
+		pc, err := net.ListenPacket("udp", addr)
+		ln.Close()
+		if err != nil {
+			continue
+		}
+		pc.Close()
+		return port, nil
+	}
+	return 0, fmt.Errorf("no free port in %d-%d on 127.0.0.1", first, first+99)
+}
+
+// waitAccepting waits until addr accepts a TCP connection, the process
+// exits, or the timeout passes.
+func waitAccepting(addr string, c *child, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		if c.exited() {
+			return fmt.Errorf("%s exited before serving %s: %v: %s", c.name, addr, c.waitErr, c.output())
+		}
+		conn, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
+		if err == nil {
+			conn.Close()
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s did not accept on %s within %s: %s", c.name, addr, timeout, c.output())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// A child is a process the driver started. Every child dies with the driver
+// (SIGKILL on parent death, and killChildren on interrupts).
+type child struct {
+	name       string
+	cmd        *exec.Cmd
+	stopSignal syscall.Signal
+	out        *tail
+	done       chan struct{}
+	waitErr    error // valid once done is closed
+}
+
+var (
+	childrenMu sync.Mutex
+	children   = map[*child]bool{}
+)
+
+func newChild(name, bin string, args ...string) *child {
+	cmd := exec.Command(bin, args...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	out := &tail{max: 4 << 10}
+	cmd.Stdout, cmd.Stderr = out, out
+	return &child{name: name, cmd: cmd, stopSignal: syscall.SIGTERM, out: out, done: make(chan struct{})}
+}
+
+func (c *child) start() error {
+	childrenMu.Lock()
+	defer childrenMu.Unlock()
+	if err := c.cmd.Start(); err != nil {
+		return fmt.Errorf("start %s: %w", c.name, err)
+	}
+	children[c] = true
+	go func() {
+		c.waitErr = c.cmd.Wait()
+		childrenMu.Lock()
+		delete(children, c)
+		childrenMu.Unlock()
+		close(c.done)
+	}()
+	return nil
+}
+
+func (c *child) exited() bool {
+	select {
+	case <-c.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// stop sends the stop signal and waits; after stopTimeout it kills. It
+// returns the exit error (nil for exit status 0).
+func (c *child) stop() error {
+	if !c.exited() {
+		_ = c.cmd.Process.Signal(c.stopSignal)
+		select {
+		case <-c.done:
+		case <-time.After(stopTimeout):
+			_ = c.cmd.Process.Kill()
+			<-c.done
+			return fmt.Errorf("%s still running %s after %v: killed", c.name, stopTimeout, c.stopSignal)
+		}
+	}
+	if c.waitErr != nil {
+		return fmt.Errorf("%s: %w: %s", c.name, c.waitErr, c.output())
+	}
+	return nil
+}
+
+func (c *child) output() string {
+	s := strings.TrimSpace(c.out.String())
+	if s == "" {
+		return "(no output)"
+	}
+	return strings.ReplaceAll(s, "\n", " | ")
+}
+
+func killChildren() {
+	childrenMu.Lock()
+	defer childrenMu.Unlock()
+	for c := range children {
+		_ = c.cmd.Process.Kill()
+	}
+}
+
+// tail keeps the last max bytes written to it.
+type tail struct {
+	mu  sync.Mutex
+	max int
+	buf []byte
+}
+
+func (t *tail) Write(p []byte) (int, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.buf = append(t.buf, p...)
+	if over := len(t.buf) - t.max; over > 0 {
+		t.buf = append(t.buf[:0], t.buf[over:]...)
+	}
+	return len(p), nil
+}
+
+func (t *tail) String() string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return string(t.buf)
+}
+
+// procStats reads a process's resident memory and open file descriptors.
+func procStats(pid int) (rssKiB int64, fds int, err error) {
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, 0, err
+	}
+	rssKiB = -1
+	for line := range strings.Lines(string(status)) {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			rssKiB, err = strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+			if err != nil {
+				return 0, 0, fmt.Errorf("parse VmRSS of %d: %w", pid, err)
+			}
+		}
+	}
+	if rssKiB < 0 {
+		return 0, 0, errors.New("no VmRSS in /proc/" + strconv.Itoa(pid) + "/status")
+	}
+	entries, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	if err != nil {
+		return 0, 0, err
+	}
+	return rssKiB, len(entries), nil
+}
