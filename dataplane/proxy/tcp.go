@@ -10,8 +10,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
-	"unsafe"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
 
 	"github.com/stickylb/stickylb/dataplane/maglev"
@@ -28,7 +28,9 @@ type tcpListener struct {
 }
 
 func (p *Proxy) listenTCP(k snapshot.ListenerKey) (listener, error) {
-	ln, err := (&net.ListenConfig{}).Listen(context.Background(), "tcp", k.Addr.String())
+	// No TCP keepalive: the rule's idle timeout ends dead flows, as Azure's
+	// does, and keepalive costs four setsockopt calls per connection.
+	ln, err := (&net.ListenConfig{KeepAlive: -1}).Listen(context.Background(), "tcp", k.Addr.String())
 	if err != nil {
 		return nil, err
 	}
@@ -92,12 +94,19 @@ func (p *Proxy) handleTCP(rs *ruleState, local netip.AddrPort, c *net.TCPConn) {
 		refuse(c, rs, refusedGlobalLimit)
 		return
 	}
-	defer p.tcpConns.Add(-1)
 	if !p.clients.acquire(ip, p.opts.MaxConnectionsPerClient) {
+		p.tcpConns.Add(-1)
 		refuse(c, rs, refusedClientLimit)
 		return
 	}
-	defer p.clients.release(ip)
+	// Once started, the flow releases both slots when it ends; until then, we do.
+	released := false
+	defer func() {
+		if !released {
+			p.clients.release(ip)
+			p.tcpConns.Add(-1)
+		}
+	}()
 
 	var buf [maxDialAttempts]*backend
 	candidates := rs.pool.Load().pick(buf[:0], flowHash(rs.rule, client, local, snapshot.TCP), maxDialAttempts)
@@ -105,7 +114,7 @@ func (p *Proxy) handleTCP(rs *ruleState, local netip.AddrPort, c *net.TCPConn) {
 		refuse(c, rs, refusedNoBackend)
 		return
 	}
-	dialer := net.Dialer{Timeout: p.opts.DialTimeout}
+	dialer := net.Dialer{Timeout: p.opts.DialTimeout, KeepAlive: -1}
 	for i, b := range candidates {
 		conn, err := dialer.Dial("tcp", b.name)
 		if err != nil {
@@ -115,29 +124,32 @@ func (p *Proxy) handleTCP(rs *ruleState, local netip.AddrPort, c *net.TCPConn) {
 			}
 			continue
 		}
-		f := &tcpFlow{client: c, backend: conn.(*net.TCPConn), b: b, rs: rs}
+		f := &tcpFlow{p: p, client: c, backend: conn.(*net.TCPConn), b: b, rs: rs, clientIP: ip}
 		p.flows.add(f)
 		b.m.syn.Inc()
 		b.m.tcpFlows.Inc()
-		f.run()
-		b.m.tcpFlows.Dec()
-		p.flows.remove(f)
+		released = true
+		f.start()
 		return
 	}
 	refuse(c, rs, refusedDialFailed)
 }
 
-// tcpFlow is one proxied connection: a client socket and a backend socket.
+// tcpFlow is one proxied connection: a client socket and a backend socket,
+// copied by one goroutine each way.
 type tcpFlow struct {
+	p               *Proxy
 	client, backend *net.TCPConn
 	b               *backend
 	rs              *ruleState
+	clientIP        netip.Addr
 
 	lastActive atomic.Int64 // nanoseconds since epoch, monotonic
 	timerMu    sync.Mutex
 	timer      *time.Timer
 	closeOnce  sync.Once
 	finished   atomic.Bool
+	running    atomic.Int32 // directions still copying
 }
 
 // epoch anchors lastActive to the monotonic clock.
@@ -145,27 +157,39 @@ var epoch = time.Now()
 
 func (f *tcpFlow) touch() { f.lastActive.Store(int64(time.Since(epoch))) }
 
-func (f *tcpFlow) run() {
-	idle := f.rs.rule.IdleTimeout
+// start copies both ways on two fresh goroutines: the accepting goroutine's
+// stack grew while dialling, and an idle flow should not keep it.
+func (f *tcpFlow) start() {
 	f.touch()
 	f.timerMu.Lock()
-	f.timer = time.AfterFunc(idle, f.checkIdle)
+	f.timer = time.AfterFunc(f.rs.rule.IdleTimeout, f.checkIdle)
 	f.timerMu.Unlock()
+	f.running.Store(2)
+	go f.copy(f.backend, f.client, f.b.m.bytesIn)
+	go f.copy(f.client, f.backend, f.b.m.bytesOut)
+}
 
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		f.pipe(f.backend, f.client, f.b.m.bytesIn)
-	}()
-	f.pipe(f.client, f.backend, f.b.m.bytesOut)
-	<-done
+// copy runs one direction and, as the last one out, ends the flow.
+func (f *tcpFlow) copy(dst, src *net.TCPConn, bytes prometheus.Counter) {
+	d := direction{f: f, dst: dst, src: src, bytes: bytes}
+	d.run()
+	if f.running.Add(-1) == 0 {
+		f.end()
+	}
+}
 
+// end releases everything the flow holds.
+func (f *tcpFlow) end() {
 	f.finished.Store(true)
 	f.timerMu.Lock()
 	f.timer.Stop()
 	f.timerMu.Unlock()
 	f.countPackets()
 	f.abort()
+	f.b.m.tcpFlows.Dec()
+	f.p.clients.release(f.clientIP)
+	f.p.tcpConns.Add(-1)
+	f.p.flows.remove(f)
 }
 
 // checkIdle runs when the flow may have been idle for the rule's idle
@@ -199,76 +223,105 @@ func (f *tcpFlow) abort() {
 	})
 }
 
-// pipe copies src to dst until src ends, then half-closes dst. Any error
-// aborts the whole flow.
+// copyBuffers lend a buffer to a direction only between a read and its
+// write, so an idle flow holds none.
+var copyBuffers = sync.Pool{New: func() any { b := make([]byte, copyBufferSize); return &b }}
+
+// copyBufferSize is what one read moves; a read that fills it means a bulk
+// transfer, which continues with splice(2).
+const copyBufferSize = 16 << 10
+
+// direction copies src to dst until src ends, then half-closes dst. Any
+// error aborts the whole flow.
 //
-// It waits for src to be readable before each splice and splices exactly the
-// bytes queued, so an idle flow holds no splice pipe: Go's io.Copy between
-// TCP sockets keeps a pipe pair for as long as it waits on a quiet source.
-func (f *tcpFlow) pipe(dst, src *net.TCPConn, bytes interface{ Add(float64) }) {
-	rc, err := src.SyscallConn()
-	if err != nil {
-		f.abort()
+// It reads only when the poller says src is readable, into a buffer
+// borrowed for that one read, and moves bulk data with splice(2) for exactly
+// the bytes queued. So a quiet flow holds neither a buffer nor a splice pipe
+// (Go's io.Copy between TCP sockets keeps a pipe pair while it waits), a
+// small message costs one read and one write, and bulk data mostly never
+// enters userspace.
+type direction struct {
+	f        *tcpFlow
+	dst, src *net.TCPConn
+	bytes    prometheus.Counter
+
+	raw    syscall.RawConn
+	buf    *[]byte
+	n      int
+	err    error
+	queued int
+	lr     io.LimitedReader
+}
+
+func (d *direction) run() {
+	var err error
+	if d.raw, err = d.src.SyscallConn(); err != nil {
+		d.f.abort()
 		return
 	}
-	lr := &io.LimitedReader{R: src}
-	var peek [1]byte
+	d.lr.R = d.src
+	read, inq := d.read, d.inq // bound once: no allocation per call
 	for {
-		n, err := queued(rc, &peek)
-		if err != nil {
-			f.abort()
+		if err := d.raw.Read(read); err != nil {
+			d.f.abort()
 			return
 		}
-		if n == 0 {
-			_ = dst.CloseWrite()
+		n, rerr := d.n, d.err
+		if rerr != nil || n == 0 {
+			copyBuffers.Put(d.buf)
+			if rerr != nil {
+				d.f.abort()
+			} else {
+				_ = d.dst.CloseWrite()
+			}
 			return
 		}
-		f.touch()
-		lr.N = int64(n)
-		w, err := dst.ReadFrom(lr) // splice(2): the bytes never enter userspace
-		bytes.Add(float64(w))
-		if err != nil {
-			f.abort()
+		d.f.touch()
+		_, werr := d.dst.Write((*d.buf)[:n])
+		copyBuffers.Put(d.buf)
+		d.bytes.Add(float64(n))
+		if werr != nil {
+			d.f.abort()
 			return
 		}
-		f.touch()
+		// A full read means a bulk transfer: splice(2) what is queued, and
+		// keep going while more arrives; never wait with the pipe held.
+		for n == copyBufferSize {
+			if err := d.raw.Control(inq); err != nil || d.queued <= 0 {
+				break
+			}
+			d.lr.N = int64(d.queued)
+			w, err := d.dst.ReadFrom(&d.lr)
+			d.bytes.Add(float64(w))
+			if err != nil {
+				d.f.abort()
+				return
+			}
+		}
+		d.f.touch()
 	}
 }
 
-// queued waits until the socket has data or has reached end of stream and
-// returns the bytes queued (0 at end of stream).
-func queued(rc syscall.RawConn, peek *[1]byte) (int, error) {
-	var n int
-	var serr error
-	err := rc.Read(func(fd uintptr) bool {
-		for {
-			avail, err := unix.IoctlGetInt(int(fd), unix.SIOCINQ)
-			if err != nil {
-				serr = err
-				return true
-			}
-			if avail > 0 {
-				n = avail
-				return true
-			}
-			r, _, errno := unix.Syscall6(unix.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&peek[0])), 1,
-				unix.MSG_PEEK|unix.MSG_DONTWAIT, 0, 0)
-			switch {
-			case errno == unix.EAGAIN || errno == unix.EINTR:
-				return false // wait for the poller
-			case errno != 0:
-				serr = errno
-				return true
-			case r == 0:
-				return true // end of stream
-			}
-			// Data arrived between the two calls: count it again.
-		}
-	})
-	if err != nil {
-		return 0, err
+// read is called by the poller: it reads once, and when nothing is there it
+// returns the buffer and asks to wait.
+func (d *direction) read(fd uintptr) bool {
+	bp := copyBuffers.Get().(*[]byte)
+	n, err := unix.Read(int(fd), *bp)
+	if err == unix.EAGAIN || err == unix.EINTR {
+		copyBuffers.Put(bp)
+		return false
 	}
-	return n, serr
+	d.buf, d.n, d.err = bp, n, err
+	return true
+}
+
+// inq records the bytes queued on the socket.
+func (d *direction) inq(fd uintptr) {
+	n, err := unix.IoctlGetInt(int(fd), unix.SIOCINQ)
+	if err != nil {
+		n = 0
+	}
+	d.queued = n
 }
 
 // countPackets adds the flow's segments, as the kernel counted them, to the
