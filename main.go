@@ -5,10 +5,20 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"flag"
 	"fmt"
+	"net/netip"
 	"os"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/handler"
+	"sigs.k8s.io/controller-runtime/pkg/metrics"
 
 	"k8s.io/apimachinery/pkg/runtime"
 	utilruntime "k8s.io/apimachinery/pkg/util/runtime"
@@ -19,6 +29,8 @@ import (
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	lbv1alpha1 "github.com/stickylb/stickylb/api/v1alpha1"
+	"github.com/stickylb/stickylb/controllers"
+	"github.com/stickylb/stickylb/dataplane/proxy"
 )
 
 func main() {
@@ -42,6 +54,13 @@ type managerOptions struct {
 	leaderElect      bool
 	leaderElectionNS string
 	leaderElectionID string
+	runController    bool
+	runDataplane     bool
+	bind             string
+	podNamespace     string
+	podSelector      string
+	drainTimeout     time.Duration
+	limits           proxy.Options
 	zap              zap.Options
 }
 
@@ -58,6 +77,16 @@ func parseManagerFlags(args []string) (*managerOptions, *flag.FlagSet, error) {
 		"namespace of the leader-election Lease (default: the pod's namespace)")
 	fs.StringVar(&o.leaderElectionID, "leader-election-id", "stickylb.lb.stickylb.io",
 		"name of the leader-election Lease")
+	fs.BoolVar(&o.runController, "controller", true, "run the controller role (leader-elected): conditions, frontends, status")
+	fs.BoolVar(&o.runDataplane, "dataplane", true, "run the dataplane role (every replica): serve the rules' traffic")
+	fs.StringVar(&o.bind, "dataplane-bind-address", envOr("POD_IP", "0.0.0.0"),
+		"address the dataplane listens on (default: $POD_IP); outside a cluster use 127.0.0.1, which is then reported as the frontend address")
+	fs.StringVar(&o.podNamespace, "namespace", os.Getenv("POD_NAMESPACE"),
+		"namespace of the stickylb pods (default: $POD_NAMESPACE); empty means running outside a cluster")
+	fs.StringVar(&o.podSelector, "dataplane-pod-selector", "app.kubernetes.io/name=stickylb",
+		"label selector of the dataplane pods whose IPs are each frontend's endpoints")
+	fs.DurationVar(&o.drainTimeout, "drain-timeout", 30*time.Second, "on SIGTERM, how long established TCP connections may take to finish")
+	bindLimitFlags(fs, &o.limits)
 	// --kubeconfig is registered on the global flag set by controller-runtime.
 	if f := flag.CommandLine.Lookup("kubeconfig"); f != nil {
 		fs.Var(f.Value, f.Name, "path to a kubeconfig; only needed outside a cluster")
@@ -86,13 +115,36 @@ func runManager(args []string) int {
 		log.Error(err, "no Kubernetes configuration (use --kubeconfig outside a cluster)")
 		return 1
 	}
+	bind, err := netip.ParseAddr(o.bind)
+	if err != nil {
+		log.Error(err, "--dataplane-bind-address")
+		return 2
+	}
+	selector, err := labels.Parse(o.podSelector)
+	if err != nil {
+		log.Error(err, "--dataplane-pod-selector")
+		return 2
+	}
+	local := o.podNamespace == ""
+	leaderNS := o.leaderElectionNS
+	if leaderNS == "" {
+		leaderNS = o.podNamespace
+	}
+	cacheOpts := cache.Options{}
+	if !local {
+		// Only our own pods: the dataplane replicas.
+		cacheOpts.ByObject = map[client.Object]cache.ByObject{&corev1.Pod{}: {
+			Namespaces: map[string]cache.Config{o.podNamespace: {}}, Label: selector,
+		}}
+	}
 	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
 		Scheme:                  newScheme(),
+		Cache:                   cacheOpts,
 		Metrics:                 metricsserver.Options{BindAddress: o.metricsAddr},
 		HealthProbeBindAddress:  o.probeAddr,
 		LeaderElection:          o.leaderElect,
 		LeaderElectionID:        o.leaderElectionID,
-		LeaderElectionNamespace: o.leaderElectionNS,
+		LeaderElectionNamespace: leaderNS,
 		// Stepping down as soon as the context ends lets a standby take over at
 		// once on rollout instead of waiting out the lease.
 		LeaderElectionReleaseOnCancel: true,
@@ -109,10 +161,64 @@ func runManager(args []string) int {
 		log.Error(err, "add ready check")
 		return 1
 	}
-	log.Info("starting manager", "leaderElect", o.leaderElect)
-	if err := mgr.Start(ctrl.SetupSignalHandler()); err != nil {
+	o.limits.Registerer = metrics.Registry
+	o.limits.Log = ctrl.Log.WithName("dataplane")
+	var dp *controllers.Dataplane
+	o.limits.OnHealthChange = func(rule string) {
+		if dp != nil {
+			dp.HealthChanged(rule)
+		}
+	}
+	p, err := proxy.New(o.limits)
+	if err != nil {
+		log.Error(err, "start the dataplane")
+		return 1
+	}
+	dp = controllers.NewDataplane(mgr.GetClient(), p, bind, ctrl.Log.WithName("dataplane"))
+	if o.runDataplane {
+		if err := dp.SetupWithManager(mgr); err != nil {
+			log.Error(err, "set up the dataplane role")
+			return 1
+		}
+	}
+	if o.runController {
+		addrs := controllers.ReadyPodAddresses(mgr.GetClient(), o.podNamespace, selector)
+		if local {
+			addrs = func(context.Context) ([]netip.Addr, error) { return []netip.Addr{bind}, nil }
+		}
+		rr := &controllers.RuleReconciler{
+			Client: mgr.GetClient(), Recorder: mgr.GetEventRecorderFor("stickylb"), Dataplane: dp,
+			Healthy: p.Healthy, DataplaneAddresses: addrs, Local: local,
+		}
+		var extra []func(*ctrl.Builder) *ctrl.Builder
+		if !local {
+			extra = append(extra, func(b *ctrl.Builder) *ctrl.Builder {
+				return b.Watches(&corev1.Pod{}, handler.EnqueueRequestsFromMapFunc(rr.AllRules))
+			})
+		}
+		if err := rr.SetupWithManager(mgr, extra...); err != nil {
+			log.Error(err, "set up the controller role")
+			return 1
+		}
+	}
+
+	log.Info("starting manager", "leaderElect", o.leaderElect, "dataplane", o.runDataplane, "controller", o.runController, "bind", bind.String(), "local", local)
+	err = mgr.Start(ctrl.SetupSignalHandler())
+	dctx, cancel := context.WithTimeout(context.Background(), o.drainTimeout)
+	defer cancel()
+	if derr := p.Shutdown(dctx); derr != nil {
+		log.Info("drain timeout passed; remaining connections closed")
+	}
+	if err != nil {
 		log.Error(err, "manager stopped")
 		return 1
 	}
 	return 0
+}
+
+func envOr(key, def string) string {
+	if v := os.Getenv(key); v != "" {
+		return v
+	}
+	return def
 }

@@ -36,6 +36,16 @@ type proxyOptions struct {
 	zap          zap.Options
 }
 
+// bindLimitFlags declares the dataplane's limits, shared by the manager and
+// `stickylb proxy`.
+func bindLimitFlags(fs *flag.FlagSet, o *proxy.Options) {
+	fs.DurationVar(&o.DialTimeout, "dial-timeout", 5*time.Second, "timeout of one connection attempt to a backend (up to 3 backends are tried)")
+	fs.IntVar(&o.MaxConnections, "max-connections", 100000, "cap on established TCP connections; past it new ones are reset")
+	fs.IntVar(&o.MaxConnectionsPerClient, "max-connections-per-client", 1000, "cap on TCP connections from one client IP")
+	fs.IntVar(&o.MaxUDPSessions, "max-udp-sessions", 65536, "cap on UDP sessions per frontend; past it datagrams of new clients are dropped")
+	fs.IntVar(&o.MaxUDPSessionsPerClient, "max-udp-sessions-per-client", 256, "cap on UDP sessions (source ports) from one client IP")
+}
+
 // proxyFlags declares the flags of `stickylb proxy` into o.
 func proxyFlags(o *proxyOptions) *flag.FlagSet {
 	fs := flag.NewFlagSet("stickylb proxy", flag.ContinueOnError)
@@ -43,11 +53,7 @@ func proxyFlags(o *proxyOptions) *flag.FlagSet {
 	fs.StringVar(&o.bind, "bind-address", "127.0.0.1", "address every frontend listens on (0.0.0.0 or :: for all)")
 	fs.StringVar(&o.metricsAddr, "metrics-bind-address", ":8080", "address of the Prometheus /metrics endpoint; \"0\" disables it")
 	fs.DurationVar(&o.drainTimeout, "drain-timeout", 30*time.Second, "on SIGTERM, how long established TCP connections may take to finish before they are closed")
-	fs.DurationVar(&o.limits.DialTimeout, "dial-timeout", 5*time.Second, "timeout of one connection attempt to a backend (up to 3 backends are tried)")
-	fs.IntVar(&o.limits.MaxConnections, "max-connections", 100000, "cap on established TCP connections; past it new ones are reset")
-	fs.IntVar(&o.limits.MaxConnectionsPerClient, "max-connections-per-client", 1000, "cap on TCP connections from one client IP")
-	fs.IntVar(&o.limits.MaxUDPSessions, "max-udp-sessions", 65536, "cap on UDP sessions per frontend; past it datagrams of new clients are dropped")
-	fs.IntVar(&o.limits.MaxUDPSessionsPerClient, "max-udp-sessions-per-client", 256, "cap on UDP sessions (source ports) from one client IP")
+	bindLimitFlags(fs, &o.limits)
 	o.zap.BindFlags(fs)
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: stickylb proxy --rules FILE [flags]\n\nServes the rules of FILE without a cluster: the dataplane alone.\n\nFlags:\n")

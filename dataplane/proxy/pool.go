@@ -27,6 +27,9 @@ type pool struct {
 	// alive is every backend whose established UDP sessions may continue:
 	// present in the snapshot (draining included) and not probed down.
 	alive map[netip.AddrPort]*backend
+	// healthy counts the non-draining backends passing their probe (what
+	// status.backends.healthy reports), even when AllProbedUp serves all.
+	healthy int
 }
 
 // pick returns the client's backend preference order (the primary first),
@@ -136,7 +139,7 @@ func (rs *ruleState) rebuild(status func(health.Target) (up, known bool), m *met
 	for i := range sorted {
 		sorted[i] = byName[table.Backend(i)]
 	}
-	rs.pool.Store(&pool{table: table, picks: sorted, alive: alive})
+	rs.pool.Store(&pool{table: table, picks: sorted, alive: alive, healthy: len(healthy)})
 	rs.m.rebuilds.Inc()
 }
 

@@ -43,6 +43,10 @@ type Options struct {
 	MaxUDPSessionsPerClient int
 	// Registerer receives the proxy's metrics (default: a private registry).
 	Registerer prometheus.Registerer
+	// OnHealthChange, if set, is called with a rule's name after a probe
+	// transition changed the backends it sends new flows to. It runs on a
+	// probe goroutine and must not block.
+	OnHealthChange func(rule string)
 	Log        logr.Logger
 }
 
@@ -121,7 +125,23 @@ func (p *Proxy) onProbeTransition(t health.Transition) {
 	p.log.Info("backend health changed", "backend", t.Target.String(), "up", t.Up, "reason", t.Reason)
 	for _, rs := range (*p.byTarget.Load())[t.Target] {
 		rs.rebuild(p.monitor.Status, p.metrics)
+		if p.opts.OnHealthChange != nil {
+			p.opts.OnHealthChange(rs.rule.Name)
+		}
 	}
+}
+
+// Healthy reports how many of the rule's backends take new flows: in the
+// pool, not draining, and passing the rule's probe. ok is false for a rule
+// the proxy does not serve.
+func (p *Proxy) Healthy(rule string) (healthy int, ok bool) {
+	p.mu.Lock()
+	rs, ok := p.rules[rule]
+	p.mu.Unlock()
+	if !ok {
+		return 0, false
+	}
+	return rs.pool.Load().healthy, true
 }
 
 // Version is the version of the snapshot being served (0 before the first Apply).

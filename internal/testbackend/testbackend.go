@@ -56,9 +56,15 @@ func Start(t testing.TB, ip string, port uint16) *Server {
 // StartN runs n Servers on 127.0.1.1 … 127.0.1.n, all on port.
 func StartN(t testing.TB, n int, port uint16) []*Server {
 	t.Helper()
+	return StartAt(t, n, port, func(i int) netip.Addr { return netip.AddrFrom4([4]byte{127, 0, 1, byte(i + 1)}) })
+}
+
+// StartAt runs n Servers on ip(0) … ip(n-1), all on port.
+func StartAt(t testing.TB, n int, port uint16, ip func(int) netip.Addr) []*Server {
+	t.Helper()
 	out := make([]*Server, n)
 	for i := range out {
-		out[i] = Start(t, fmt.Sprintf("127.0.1.%d", i+1), port)
+		out[i] = Start(t, ip(i).String(), port)
 	}
 	return out
 }
