@@ -47,7 +47,7 @@ type Options struct {
 	// transition changed the backends it sends new flows to. It runs on a
 	// probe goroutine and must not block.
 	OnHealthChange func(rule string)
-	Log        logr.Logger
+	Log            logr.Logger
 }
 
 func (o *Options) defaults() {
