@@ -155,12 +155,17 @@ func TestFrontendServiceSharedUpdatedAndRemoved(t *testing.T) {
 	if len(svc.OwnerReferences) != 2 || svc.Spec.Selector != nil || svc.Spec.Type != corev1.ServiceTypeClusterIP {
 		t.Errorf("frontend Service: owners %v, selector %v, type %s", svc.OwnerReferences, svc.Spec.Selector, svc.Spec.Type)
 	}
+	// The slice is written after the Service.
 	var slice discoveryv1.EndpointSlice
-	if err := k8s.Get(ctx, key, &slice); err != nil {
-		t.Fatalf("frontend EndpointSlice: %v", err)
+	deadline := time.Now().Add(20 * time.Second)
+	for k8s.Get(ctx, key, &slice) != nil || len(slice.Ports) != 3 {
+		if time.Now().After(deadline) {
+			t.Fatalf("frontend EndpointSlice with 3 ports: not within 20s (have %+v)", slice.Ports)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
-	if slice.Labels[discoveryv1.LabelServiceName] != key.Name || slice.Labels[discoveryv1.LabelManagedBy] != managedBy || len(slice.Ports) != 3 {
-		t.Errorf("frontend EndpointSlice labels %v ports %d", slice.Labels, len(slice.Ports))
+	if slice.Labels[discoveryv1.LabelServiceName] != key.Name || slice.Labels[discoveryv1.LabelManagedBy] != managedBy {
+		t.Errorf("frontend EndpointSlice labels %v", slice.Labels)
 	}
 
 	// Updated: rule a moves to another port and to NodePort.
@@ -183,7 +188,7 @@ func TestFrontendServiceSharedUpdatedAndRemoved(t *testing.T) {
 	if err := k8s.Delete(ctx, b); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(20 * time.Second)
+	deadline = time.Now().Add(20 * time.Second)
 	for {
 		errSvc := k8s.Get(ctx, key, &corev1.Service{})
 		errSlice := k8s.Get(ctx, key, &discoveryv1.EndpointSlice{})
