@@ -4,7 +4,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/netip"
 	"os"
@@ -154,7 +153,7 @@ func writeFile(t *testing.T, path, data string) {
 
 func TestTwoProxiesAgreeOnEveryClient(t *testing.T) {
 	backends := testbackend.StartN(t, 4, 9301)
-	port := uint16(freePortNumber(t))
+	port := freePort(t)
 	rules := filepath.Join(t.TempDir(), "rules.yaml")
 	writeFile(t, rules, rulesYAML(backends, port))
 	startProxy(t, rules, "127.0.0.1", port)
@@ -175,7 +174,7 @@ func TestTwoProxiesAgreeOnEveryClient(t *testing.T) {
 
 func TestProxyReloads(t *testing.T) {
 	backends := testbackend.StartN(t, 2, 9302)
-	port, port2 := uint16(freePortNumber(t)), uint16(freePortNumber(t))
+	port, port2 := freePort(t), freePort(t)
 	dir := t.TempDir()
 	rules := filepath.Join(dir, "rules.yaml")
 	writeFile(t, rules, rulesYAML(backends, port))
@@ -272,34 +271,7 @@ func TestProxyHelpDocumentsEveryFlag(t *testing.T) {
 	}
 }
 
-// freePortNumber returns a port free for TCP and UDP on 127.0.0.1 and 127.0.0.2.
-func freePortNumber(t *testing.T) int {
-	t.Helper()
-	for range 50 {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		port := l.Addr().(*net.TCPAddr).Port
-		l.Close()
-		free := true
-		for _, ip := range []string{"127.0.0.1", "127.0.0.2"} {
-			addr := fmt.Sprintf("%s:%d", ip, port)
-			if l, err := net.Listen("tcp", addr); err == nil {
-				l.Close()
-			} else {
-				free = false
-			}
-			if u, err := net.ListenPacket("udp", addr); err == nil {
-				u.Close()
-			} else {
-				free = false
-			}
-		}
-		if free {
-			return port
-		}
-	}
-	t.Fatal("no free port")
-	return 0
+// freePort is free on both proxies' bind addresses.
+func freePort(t *testing.T) uint16 {
+	return testbackend.FreePort(t, netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr("127.0.0.2"))
 }

@@ -3,7 +3,6 @@ package controllers
 import (
 	"context"
 	"fmt"
-	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -29,6 +28,7 @@ import (
 	lbv1alpha1 "github.com/stickylb/stickylb/api/v1alpha1"
 	"github.com/stickylb/stickylb/dataplane/proxy"
 	"github.com/stickylb/stickylb/internal/netns"
+	"github.com/stickylb/stickylb/internal/testbackend"
 )
 
 // The suite runs the real manager in-process against a real API server, with
@@ -109,6 +109,8 @@ func run(m *testing.M, cfg *rest.Config) int {
 
 var nsCounter atomic.Int32
 
+func freePort(t *testing.T) int32 { return int32(testbackend.FreePort(t)) }
+
 // namespace creates a namespace for one test.
 func namespace(t *testing.T) string {
 	t.Helper()
@@ -117,25 +119,6 @@ func namespace(t *testing.T) string {
 		t.Fatal(err)
 	}
 	return name
-}
-
-// freePort returns a TCP and UDP port free on 127.0.0.1.
-func freePort(t *testing.T) int32 {
-	t.Helper()
-	for range 50 {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		port := l.Addr().(*net.TCPAddr).Port
-		l.Close()
-		if u, err := net.ListenPacket("udp", fmt.Sprintf("127.0.0.1:%d", port)); err == nil {
-			u.Close()
-			return int32(port)
-		}
-	}
-	t.Fatal("no free port")
-	return 0
 }
 
 func newRule(ns, name, frontend string, port int32, service string) *lbv1alpha1.LoadBalancerRule {

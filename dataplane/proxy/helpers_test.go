@@ -19,6 +19,8 @@ import (
 
 var clientIP = testbackend.ClientIP
 
+func freePort(t *testing.T) uint16 { return testbackend.FreePort(t) }
+
 type backendServer = testbackend.Server
 
 func startBackends(t *testing.T, n int, port uint16) []*backendServer {
@@ -27,26 +29,6 @@ func startBackends(t *testing.T, n int, port uint16) []*backendServer {
 
 func frontend(port uint16) netip.AddrPort {
 	return netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), port)
-}
-
-// freePort returns a port free on 127.0.0.1 for both TCP and UDP.
-func freePort(t *testing.T) uint16 {
-	t.Helper()
-	for range 50 {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		port := uint16(l.Addr().(*net.TCPAddr).Port)
-		u, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: int(port)})
-		l.Close()
-		if err == nil {
-			u.Close()
-			return port
-		}
-	}
-	t.Fatal("no free port")
-	return 0
 }
 
 type ruleOpt func(*snapshot.Rule)

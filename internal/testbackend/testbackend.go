@@ -208,3 +208,42 @@ func Eventually(t testing.TB, timeout time.Duration, what string, cond func() bo
 	}
 	return time.Since(start)
 }
+
+// FreePort returns a port that is free for TCP and UDP on every one of ips
+// (127.0.0.1 when none are given).
+func FreePort(t testing.TB, ips ...netip.Addr) uint16 {
+	t.Helper()
+	if len(ips) == 0 {
+		ips = []netip.Addr{netip.MustParseAddr("127.0.0.1")}
+	}
+	for range 100 {
+		l, err := net.Listen("tcp", netip.AddrPortFrom(ips[0], 0).String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		port := uint16(l.Addr().(*net.TCPAddr).Port)
+		l.Close()
+		if portFree(ips, port) {
+			return port
+		}
+	}
+	t.Fatal("no free port")
+	return 0
+}
+
+func portFree(ips []netip.Addr, port uint16) bool {
+	for _, ip := range ips {
+		addr := netip.AddrPortFrom(ip, port).String()
+		l, err := net.Listen("tcp", addr)
+		if err != nil {
+			return false
+		}
+		l.Close()
+		u, err := net.ListenPacket("udp", addr)
+		if err != nil {
+			return false
+		}
+		u.Close()
+	}
+	return true
+}
