@@ -20,9 +20,10 @@ generate: ## Generate deepcopy code from the API types.
 	$(CONTROLLER_GEN) object:headerFile=hack/boilerplate.go.txt paths=./api/...
 
 .PHONY: manifests
-manifests: ## Generate the CRD and the RBAC role from the markers.
+manifests: ## Generate the CRD and the RBAC role from the markers; copy the CRD into the Helm chart.
 	$(CONTROLLER_GEN) crd rbac:roleName=stickylb-manager paths=./... \
 		output:crd:artifacts:config=config/crd/bases output:rbac:artifacts:config=config/rbac
+	cp config/crd/bases/lb.stickylb.io_loadbalancerrules.yaml charts/stickylb/files/
 
 .PHONY: fmt
 fmt:
@@ -45,6 +46,14 @@ test: ## Unit tests and envtest suites against a real kube-apiserver and etcd, w
 	go vet ./...; \
 	KUBEBUILDER_ASSETS="$$assets" CONTROLLER_GEN="$$assets/controller-gen" \
 		go test -race -count=1 $(GO_TEST_FLAGS) ./...
+
+.PHONY: demo
+demo: build ## Sticky sessions end to end on a local control plane, with nothing installed (about a minute).
+	@KUBEBUILDER_ASSETS="$(ASSETS)" go run ./hack/demo -stickylb $(BIN)/stickylb
+
+.PHONY: dev
+dev: build ## The demo's set-up, kept running: prints how to use kubectl against it.
+	@KUBEBUILDER_ASSETS="$(ASSETS)" go run ./hack/demo -dev -stickylb $(BIN)/stickylb
 
 .PHONY: bench
 bench: ## Dataplane benchmark: stickylb proxy vs direct vs HAProxy, then the Go microbenchmarks and the issue's targets.

@@ -34,21 +34,33 @@ type Server struct {
 	health  *http.Server
 }
 
-// Start runs a Server on ip:port until the test ends.
-func Start(t testing.TB, ip string, port uint16) *Server {
-	t.Helper()
-	addr := netip.AddrPortFrom(netip.MustParseAddr(ip), port)
-	b := &Server{Name: ip, Addr: addr}
-	b.Healthy.Store(true)
-	var err error
-	if b.tcp, err = net.Listen("tcp", addr.String()); err != nil {
-		t.Fatal(err)
+// Listen runs a Server on ip:port until Stop.
+func Listen(ip string, port uint16) (*Server, error) {
+	addr, err := netip.ParseAddr(ip)
+	if err != nil {
+		return nil, err
 	}
-	if b.udp, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(addr)); err != nil {
-		t.Fatal(err)
+	b := &Server{Name: ip, Addr: netip.AddrPortFrom(addr, port)}
+	b.Healthy.Store(true)
+	if b.tcp, err = net.Listen("tcp", b.Addr.String()); err != nil {
+		return nil, err
+	}
+	if b.udp, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(b.Addr)); err != nil {
+		b.tcp.Close()
+		return nil, err
 	}
 	go b.serveTCP()
 	go b.serveUDP()
+	return b, nil
+}
+
+// Start runs a Server on ip:port until the test ends.
+func Start(t testing.TB, ip string, port uint16) *Server {
+	t.Helper()
+	b, err := Listen(ip, port)
+	if err != nil {
+		t.Fatal(err)
+	}
 	t.Cleanup(b.Stop)
 	return b
 }
