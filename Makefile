@@ -56,7 +56,7 @@ dev: build ## The demo's set-up, kept running: prints how to use kubectl against
 	@KUBEBUILDER_ASSETS="$(ASSETS)" go run ./hack/demo -dev -stickylb $(BIN)/stickylb
 
 .PHONY: bench
-bench: ## Dataplane benchmark: stickylb proxy vs direct vs HAProxy, then the Go microbenchmarks and the issue's targets.
+bench: ## Dataplane benchmark: stickylb proxy vs direct vs HAProxy, then the Go microbenchmarks, the controller benchmarks and the issue's targets.
 	hack/bench.sh
 
 .PHONY: assets

@@ -6,6 +6,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -26,12 +27,17 @@ import (
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
+	"sigs.k8s.io/controller-runtime/pkg/metrics/filters"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	lbv1alpha1 "github.com/stickylb/stickylb/api/v1alpha1"
 	"github.com/stickylb/stickylb/controllers"
 	"github.com/stickylb/stickylb/dataplane/proxy"
 )
+
+// --metrics-secure checks each scraper's token and its permission to GET /metrics with the API server.
+// +kubebuilder:rbac:groups=authentication.k8s.io,resources=tokenreviews,verbs=create
+// +kubebuilder:rbac:groups=authorization.k8s.io,resources=subjectaccessreviews,verbs=create
 
 func main() {
 	if len(os.Args) > 1 && os.Args[1] == "proxy" {
@@ -50,6 +56,7 @@ func newScheme() *runtime.Scheme {
 // managerOptions are the manager's command-line flags.
 type managerOptions struct {
 	metricsAddr      string
+	metricsSecure    bool
 	probeAddr        string
 	leaderElect      bool
 	leaderElectionNS string
@@ -69,6 +76,8 @@ func parseManagerFlags(args []string) (*managerOptions, *flag.FlagSet, error) {
 	fs := flag.NewFlagSet("stickylb", flag.ContinueOnError)
 	fs.StringVar(&o.metricsAddr, "metrics-bind-address", ":8080",
 		"address the Prometheus metrics endpoint binds to; \"0\" disables it")
+	fs.BoolVar(&o.metricsSecure, "metrics-secure", false,
+		"serve metrics over HTTPS (self-signed certificate) to callers the API server authenticates (TokenReview) and authorizes for GET /metrics (SubjectAccessReview); off serves plain HTTP")
 	fs.StringVar(&o.probeAddr, "health-probe-bind-address", ":8081",
 		"address the /healthz and /readyz endpoints bind to")
 	fs.BoolVar(&o.leaderElect, "leader-elect", false,
@@ -137,10 +146,18 @@ func runManager(args []string) int {
 			Namespaces: map[string]cache.Config{o.podNamespace: {}}, Label: selector,
 		}}
 	}
+	metricsOpts := metricsserver.Options{BindAddress: o.metricsAddr}
+	if o.metricsSecure {
+		metricsOpts.SecureServing = true
+		metricsOpts.FilterProvider = filters.WithAuthenticationAndAuthorization
+		// HTTP/1.1 only: HTTP/2 stream resets (CVE-2023-44487) are not worth
+		// it for one scrape endpoint.
+		metricsOpts.TLSOpts = []func(*tls.Config){func(c *tls.Config) { c.NextProtos = []string{"http/1.1"} }}
+	}
 	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
 		Scheme:                  newScheme(),
 		Cache:                   cacheOpts,
-		Metrics:                 metricsserver.Options{BindAddress: o.metricsAddr},
+		Metrics:                 metricsOpts,
 		HealthProbeBindAddress:  o.probeAddr,
 		LeaderElection:          o.leaderElect,
 		LeaderElectionID:        o.leaderElectionID,
