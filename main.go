@@ -62,7 +62,6 @@ type managerOptions struct {
 	leaderElectionNS string
 	leaderElectionID string
 	runController    bool
-	runDataplane     bool
 	bind             string
 	podNamespace     string
 	podSelector      string
@@ -86,8 +85,7 @@ func parseManagerFlags(args []string) (*managerOptions, *flag.FlagSet, error) {
 		"namespace of the leader-election Lease (default: the pod's namespace)")
 	fs.StringVar(&o.leaderElectionID, "leader-election-id", "stickylb.lb.stickylb.io",
 		"name of the leader-election Lease")
-	fs.BoolVar(&o.runController, "controller", true, "run the controller role (leader-elected): conditions, frontends, status")
-	fs.BoolVar(&o.runDataplane, "dataplane", true, "run the dataplane role (every replica): serve the rules' traffic")
+	fs.BoolVar(&o.runController, "controller", true, "run the controller role (leader-elected): conditions, frontends, status; false makes a dataplane-only replica")
 	fs.StringVar(&o.bind, "dataplane-bind-address", envOr("POD_IP", "0.0.0.0"),
 		"address the dataplane listens on (default: $POD_IP); outside a cluster use 127.0.0.1, which is then reported as the frontend address")
 	fs.StringVar(&o.podNamespace, "namespace", os.Getenv("POD_NAMESPACE"),
@@ -192,11 +190,11 @@ func runManager(args []string) int {
 		return 1
 	}
 	dp = controllers.NewDataplane(mgr.GetClient(), p, bind, ctrl.Log.WithName("dataplane"))
-	if o.runDataplane {
-		if err := dp.SetupWithManager(mgr); err != nil {
-			log.Error(err, "set up the dataplane role")
-			return 1
-		}
+	// The dataplane role always runs: the controller role reports what this
+	// replica's dataplane serves (Programmed, healthy counts).
+	if err := dp.SetupWithManager(mgr); err != nil {
+		log.Error(err, "set up the dataplane role")
+		return 1
 	}
 	if o.runController {
 		addrs := controllers.ReadyPodAddresses(mgr.GetClient(), o.podNamespace, selector)
@@ -219,7 +217,7 @@ func runManager(args []string) int {
 		}
 	}
 
-	log.Info("starting manager", "leaderElect", o.leaderElect, "dataplane", o.runDataplane, "controller", o.runController, "bind", bind.String(), "local", local)
+	log.Info("starting manager", "leaderElect", o.leaderElect, "controller", o.runController, "bind", bind.String(), "local", local)
 	err = mgr.Start(ctrl.SetupSignalHandler())
 	dctx, cancel := context.WithTimeout(context.Background(), o.drainTimeout)
 	defer cancel()
