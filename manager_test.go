@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -11,18 +10,9 @@ import (
 	"time"
 
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
-)
 
-// freeAddr returns a loopback address with a port nothing listens on now.
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
+	"github.com/stickylb/stickylb/internal/testenv"
+)
 
 // TestManagerStarts runs the real binary against a real API server and waits
 // for its health endpoint, then stops it with SIGTERM and expects exit 0.
@@ -35,26 +25,18 @@ func TestManagerStarts(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = env.Stop() })
-	user, err := env.AddUser(envtest.User{Name: "stickylb", Groups: []string{"system:masters"}}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kubeconfig, err := user.KubeConfig()
-	if err != nil {
-		t.Fatal(err)
-	}
 	dir := t.TempDir()
-	kcPath := filepath.Join(dir, "kubeconfig")
-	if err := os.WriteFile(kcPath, kubeconfig, 0o600); err != nil {
+	kcPath, _, err := testenv.AdminKubeconfig(env, "stickylb", dir)
+	if err != nil {
 		t.Fatal(err)
 	}
 	bin := filepath.Join(dir, "stickylb")
 	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
 		t.Fatalf("go build: %v\n%s", err, out)
 	}
-	health := freeAddr(t)
+	health := testenv.FreeAddr(t)
 	cmd := exec.Command(bin, "--kubeconfig", kcPath, "--health-probe-bind-address", health,
-		"--metrics-bind-address", freeAddr(t), "--leader-elect", "--leader-election-namespace", "default")
+		"--metrics-bind-address", testenv.FreeAddr(t), "--leader-elect", "--leader-election-namespace", "default")
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

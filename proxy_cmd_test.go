@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/stickylb/stickylb/internal/testbackend"
+	"github.com/stickylb/stickylb/internal/testenv"
 )
 
 var (
@@ -72,15 +73,15 @@ spec:
 type proxyProcess struct {
 	cmd     *exec.Cmd
 	metrics string
-	logs    *logBuffer
+	logs    *testenv.Output
 }
 
 // startProxy runs `stickylb proxy` on bind with the rules file and waits
 // until port accepts.
 func startProxy(t *testing.T, rules, bind string, port uint16) *proxyProcess {
 	t.Helper()
-	metrics := freeAddr(t)
-	logs := &logBuffer{}
+	metrics := testenv.FreeAddr(t)
+	logs := &testenv.Output{}
 	cmd := exec.Command(stickylbBinary(t), "proxy", "--rules", rules, "--bind-address", bind, "--metrics-bind-address", metrics)
 	cmd.Stdout, cmd.Stderr = logs, logs
 	if err := cmd.Start(); err != nil {
@@ -103,24 +104,6 @@ func startProxy(t *testing.T, rules, bind string, port uint16) *proxyProcess {
 		return err == nil
 	})
 	return p
-}
-
-// logBuffer collects a child's output; the child writes while the test reads.
-type logBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *logBuffer) Write(b []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(b)
-}
-
-func (l *logBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 func (p *proxyProcess) metric(t *testing.T, name string) string {

@@ -10,7 +10,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -18,7 +17,6 @@ import (
 	"reflect"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -43,6 +41,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/stickylb/stickylb/config/crd"
+	"github.com/stickylb/stickylb/internal/testenv"
 )
 
 const (
@@ -497,16 +496,8 @@ func TestInstall(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = env.Stop() })
-	user, err := env.AddUser(envtest.User{Name: "helm", Groups: []string{"system:masters"}}, nil)
+	kcPath, _, err := testenv.AdminKubeconfig(env, "helm", t.TempDir())
 	if err != nil {
-		t.Fatal(err)
-	}
-	kubeconfig, err := user.KubeConfig()
-	if err != nil {
-		t.Fatal(err)
-	}
-	kcPath := filepath.Join(t.TempDir(), "kubeconfig")
-	if err := os.WriteFile(kcPath, kubeconfig, 0o600); err != nil {
 		t.Fatal(err)
 	}
 	scheme := runtime.NewScheme()
@@ -635,7 +626,7 @@ func checkManagerWithChartRBAC(ctx context.Context, t *testing.T, cfg *rest.Conf
 		t.Fatal(err)
 	}
 
-	metricsAddr, healthAddr := freeAddr(t), freeAddr(t)
+	metricsAddr, healthAddr := testenv.FreeAddr(t), testenv.FreeAddr(t)
 	args := []string{"--kubeconfig", kcPath, "--dataplane-bind-address", "127.0.0.1"}
 	for _, a := range chartArgs {
 		// Same flags, but on loopback ports of the test's choosing.
@@ -647,7 +638,7 @@ func checkManagerWithChartRBAC(ctx context.Context, t *testing.T, cfg *rest.Conf
 		}
 		args = append(args, a)
 	}
-	var logs syncBuffer
+	var logs testenv.Output
 	cmd := exec.Command(bin, args...)
 	cmd.Env = append(os.Environ(), "POD_NAMESPACE="+namespace, "POD_IP=127.0.0.1")
 	cmd.Stdout, cmd.Stderr = &logs, &logs
@@ -722,35 +713,6 @@ func checkManagerWithChartRBAC(ctx context.Context, t *testing.T, cfg *rest.Conf
 	if strings.Contains(logs.String(), "forbidden") {
 		t.Errorf("the manager was refused something with the chart's RBAC:\n%s", logs.String())
 	}
-}
-
-// freeAddr returns a loopback address with a port nothing listens on now.
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
-
-// syncBuffer collects a process's output while the test reads it.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }
 
 func established(c *apiextensionsv1.CustomResourceDefinition) bool {

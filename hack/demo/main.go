@@ -32,6 +32,7 @@ import (
 
 	"github.com/stickylb/stickylb/internal/netns"
 	"github.com/stickylb/stickylb/internal/testbackend"
+	"github.com/stickylb/stickylb/internal/testenv"
 )
 
 const (
@@ -66,26 +67,18 @@ func run(dev bool, bin string) error {
 		return err
 	}
 	defer func() { _ = env.Stop() }()
-	user, err := env.AddUser(envtest.User{Name: "demo", Groups: []string{"system:masters"}}, nil)
-	if err != nil {
-		return err
-	}
 	dir, err := os.MkdirTemp("", "stickylb-demo")
 	if err != nil {
 		return err
 	}
 	defer os.RemoveAll(dir)
-	kubeconfig := filepath.Join(dir, "kubeconfig")
-	raw, err := user.KubeConfig()
+	kubeconfig, adminConfig, err := testenv.AdminKubeconfig(env, "demo", dir)
 	if err != nil {
-		return err
-	}
-	if err := os.WriteFile(kubeconfig, raw, 0o600); err != nil {
 		return err
 	}
 	scheme := runtime.NewScheme()
 	_ = clientgoscheme.AddToScheme(scheme)
-	k8s, err := client.New(user.Config(), client.Options{Scheme: scheme})
+	k8s, err := client.New(adminConfig, client.Options{Scheme: scheme})
 	if err != nil {
 		return err
 	}

@@ -24,7 +24,7 @@ func TestKubectlWaitReadyAndGetColumns(t *testing.T) {
 	const backendPort = 9501
 	testbackend.StartAt(t, 3, backendPort, netns.BackendIP)
 	newBackendPool(t, ns, "web", backendPort, readyEndpoints(backendIPs(3)...))
-	port := freePort(t)
+	port := testbackend.FreePort(t, loopback1, loopback2)
 	applyRule(t, ns, "web", port, "web", backendPort)
 
 	// Nothing serves the rule yet, so the wait must not succeed.
@@ -46,7 +46,7 @@ func TestKubectlWaitReadyAndGetColumns(t *testing.T) {
 		t.Errorf("kubectl get lbr columns %v, want %v", header, want)
 	}
 	row := strings.Fields(lines[1])
-	if want := []string{"web", "TCP", strconv.Itoa(port), "ClientIP", "3", "True"}; len(row) != 7 || !slices.Equal(row[:6], want) {
+	if want := []string{"web", "TCP", strconv.Itoa(int(port)), "ClientIP", "3", "True"}; len(row) != 7 || !slices.Equal(row[:6], want) {
 		t.Errorf("kubectl get lbr row %v, want %v and an age", row, want)
 	}
 
@@ -71,7 +71,7 @@ func TestClientsArePinnedAndSpread(t *testing.T) {
 	testbackend.StartAt(t, backends, backendPort, netns.BackendIP)
 	newBackendPool(t, ns, "web", backendPort, readyEndpoints(backendIPs(backends)...))
 	p := startStickylb(t, "127.0.0.1")
-	port := freePort(t)
+	port := testbackend.FreePort(t, loopback1, loopback2)
 	applyRule(t, ns, "web", port, "web", backendPort)
 	waitReady(t, ns, "web")
 	p.waitServing(t, port)
@@ -109,7 +109,7 @@ func TestEndpointChurnMovesOnlyExpectedClients(t *testing.T) {
 	ips := backendIPs(6)
 	pool := newBackendPool(t, ns, "web", backendPort, readyEndpoints(ips[:5]...))
 	p := startStickylb(t, "127.0.0.1")
-	port := freePort(t)
+	port := testbackend.FreePort(t, loopback1, loopback2)
 	applyRule(t, ns, "web", port, "web", backendPort)
 	waitReady(t, ns, "web")
 	p.waitServing(t, port)
@@ -191,7 +191,7 @@ func TestNotReadyEndpointKeepsItsConnections(t *testing.T) {
 	ips := backendIPs(3)
 	pool := newBackendPool(t, ns, "web", backendPort, readyEndpoints(ips...))
 	p := startStickylb(t, "127.0.0.1")
-	port := freePort(t)
+	port := testbackend.FreePort(t, loopback1, loopback2)
 	applyRule(t, ns, "web", port, "web", backendPort)
 	waitReady(t, ns, "web")
 	p.waitServing(t, port)
@@ -260,7 +260,7 @@ func TestDeletedRuleClosesItsListener(t *testing.T) {
 	testbackend.StartAt(t, 2, backendPort, netns.BackendIP)
 	newBackendPool(t, ns, "web", backendPort, readyEndpoints(backendIPs(2)...))
 	p := startStickylb(t, "127.0.0.1")
-	webPort, apiPort := freePort(t), freePort(t)
+	webPort, apiPort := testbackend.FreePort(t, loopback1, loopback2), testbackend.FreePort(t, loopback1, loopback2)
 	applyRule(t, ns, "web", webPort, "web", backendPort)
 	applyRule(t, ns, "api", apiPort, "web", backendPort)
 	waitReady(t, ns, "web")
@@ -298,9 +298,9 @@ func TestDeletedRuleClosesItsListener(t *testing.T) {
 func startPair(t *testing.T) (leader, standby *process) {
 	t.Helper()
 	a := startStickylb(t, "127.0.0.1")
-	eventually(t, 30*time.Second, "stickylb on 127.0.0.1 leads", func() bool { return a.leaderStatus() == 1 })
+	testbackend.Eventually(t, 30*time.Second, "stickylb on 127.0.0.1 leads", func() bool { return a.leaderStatus() == 1 })
 	b := startStickylb(t, "127.0.0.2")
-	eventually(t, 10*time.Second, "stickylb on 127.0.0.2 reports itself a standby", func() bool { return b.leaderStatus() == 0 })
+	testbackend.Eventually(t, 10*time.Second, "stickylb on 127.0.0.2 reports itself a standby", func() bool { return b.leaderStatus() == 0 })
 	if s := a.leaderStatus(); s != 1 {
 		t.Fatalf("127.0.0.1 leader status %v after the second replica started", s)
 	}
@@ -314,7 +314,7 @@ func TestTwoReplicasAgreeOnEveryClient(t *testing.T) {
 	testbackend.StartAt(t, backends, backendPort, netns.BackendIP)
 	newBackendPool(t, ns, "web", backendPort, readyEndpoints(backendIPs(backends)...))
 	a, b := startPair(t)
-	port := freePort(t)
+	port := testbackend.FreePort(t, loopback1, loopback2)
 	applyRule(t, ns, "web", port, "web", backendPort)
 	waitReady(t, ns, "web")
 	a.waitServing(t, port)
@@ -356,7 +356,7 @@ func TestLeaderKilledStandbyTakesOverStatus(t *testing.T) {
 	ips := backendIPs(3)
 	pool := newBackendPool(t, ns, "web", backendPort, readyEndpoints(ips...))
 	a, b := startPair(t)
-	port := freePort(t)
+	port := testbackend.FreePort(t, loopback1, loopback2)
 	applyRule(t, ns, "web", port, "web", backendPort)
 	waitReady(t, ns, "web")
 	waitStatus(t, ns, "web", 10*time.Second, "written by the leader on 127.0.0.1", func(r *lbv1alpha1.LoadBalancerRule) bool {

@@ -40,6 +40,7 @@ import (
 	lbv1alpha1 "github.com/stickylb/stickylb/api/v1alpha1"
 	"github.com/stickylb/stickylb/internal/netns"
 	"github.com/stickylb/stickylb/internal/testbackend"
+	"github.com/stickylb/stickylb/internal/testenv"
 )
 
 // leaseName is the leader-election Lease stickylb uses by default.
@@ -102,22 +103,13 @@ func run(m *testing.M) int {
 	}
 	defer func() { _ = env.Stop() }()
 
-	admin, err := env.AddUser(envtest.User{Name: "e2e", Groups: []string{"system:masters"}}, nil)
+	kc, adminConfig, err := testenv.AdminKubeconfig(env, "e2e", workDir)
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "add admin user:", err)
+		fmt.Fprintln(os.Stderr, "admin kubeconfig:", err)
 		return 1
 	}
-	kc, err := admin.KubeConfig()
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "kubeconfig:", err)
-		return 1
-	}
-	kubeconfig = filepath.Join(workDir, "kubeconfig")
-	if err := os.WriteFile(kubeconfig, kc, 0o600); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	if k8s, err = client.New(admin.Config(), client.Options{Scheme: scheme}); err != nil {
+	kubeconfig = kc
+	if k8s, err = client.New(adminConfig, client.Options{Scheme: scheme}); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
@@ -136,7 +128,7 @@ type process struct {
 	cmd     *exec.Cmd
 	metrics string // host:port of /metrics
 	health  string // host:port of /readyz
-	logs    *logBuffer
+	logs    *testenv.Output
 	exited  chan struct{}
 }
 
@@ -146,7 +138,7 @@ type process struct {
 // its test to serve the next test's ports.
 func startStickylb(t *testing.T, bind string) *process {
 	t.Helper()
-	p := &process{bind: bind, metrics: freeAddr(t), health: freeAddr(t), logs: &logBuffer{}, exited: make(chan struct{})}
+	p := &process{bind: bind, metrics: testenv.FreeAddr(t), health: testenv.FreeAddr(t), logs: &testenv.Output{}, exited: make(chan struct{})}
 	p.cmd = exec.Command(stickylb,
 		"--kubeconfig", kubeconfig,
 		"--dataplane-bind-address", bind,
@@ -166,12 +158,12 @@ func startStickylb(t *testing.T, bind string) *process {
 	t.Cleanup(func() {
 		p.stop(t)
 		if t.Failed() {
-			t.Logf("stickylb on %s logged (last 150 lines):\n%s", bind, p.logs.tail(150))
+			t.Logf("stickylb on %s logged (last 150 lines):\n%s", bind, tail(p.logs, 150))
 		}
 	})
-	eventually(t, 30*time.Second, "stickylb on "+bind+" answers /readyz", func() bool {
+	testbackend.Eventually(t, 30*time.Second, "stickylb on "+bind+" answers /readyz", func() bool {
 		if p.hasExited() {
-			t.Fatalf("stickylb on %s exited: %v\n%s", bind, p.cmd.ProcessState, p.logs.tail(50))
+			t.Fatalf("stickylb on %s exited: %v\n%s", bind, p.cmd.ProcessState, tail(p.logs, 50))
 		}
 		resp, err := httpClient.Get("http://" + p.health + "/readyz")
 		if err != nil {
@@ -250,7 +242,7 @@ func (p *process) snapshotVersion(t *testing.T) float64 {
 // waitSnapshotAfter waits until the dataplane serves a snapshot newer than v.
 func (p *process) waitSnapshotAfter(t *testing.T, v float64) {
 	t.Helper()
-	eventually(t, 20*time.Second, fmt.Sprintf("stickylb on %s applies a snapshot after version %v", p.bind, v), func() bool {
+	testbackend.Eventually(t, 20*time.Second, fmt.Sprintf("stickylb on %s applies a snapshot after version %v", p.bind, v), func() bool {
 		cur, ok := p.metric("stickylb_snapshot_version", "")
 		return ok && cur > v
 	})
@@ -266,14 +258,14 @@ func (p *process) leaderStatus() float64 {
 	return v
 }
 
-func (p *process) frontend(port int) netip.AddrPort {
-	return netip.AddrPortFrom(netip.MustParseAddr(p.bind), uint16(port))
+func (p *process) frontend(port uint16) netip.AddrPort {
+	return netip.AddrPortFrom(netip.MustParseAddr(p.bind), port)
 }
 
 // waitServing waits until the process accepts on port and relays to a backend.
-func (p *process) waitServing(t *testing.T, port int) {
+func (p *process) waitServing(t *testing.T, port uint16) {
 	t.Helper()
-	eventually(t, 20*time.Second, fmt.Sprintf("stickylb on %s serves port %d", p.bind, port), func() bool {
+	testbackend.Eventually(t, 20*time.Second, fmt.Sprintf("stickylb on %s serves port %d", p.bind, port), func() bool {
 		name, c, err := testbackend.BackendOf(testbackend.ClientIP(0), p.frontend(port))
 		if err == nil {
 			c.Close()
@@ -282,22 +274,9 @@ func (p *process) waitServing(t *testing.T, port int) {
 	})
 }
 
-// logBuffer collects a child's output; the child writes while the test reads.
-type logBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *logBuffer) Write(b []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(b)
-}
-
-func (l *logBuffer) tail(n int) string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	lines := strings.Split(strings.TrimRight(l.b.String(), "\n"), "\n")
+// tail is the last n lines of a child's output.
+func tail(out *testenv.Output, n int) string {
+	lines := strings.Split(strings.TrimRight(out.String(), "\n"), "\n")
 	if len(lines) > n {
 		lines = lines[len(lines)-n:]
 	}
@@ -331,7 +310,7 @@ func mustKubectl(t *testing.T, stdin string, args ...string) string {
 }
 
 // ruleYAML is a ClientIP rule over the Service pool, for kubectl apply.
-func ruleYAML(ns, name string, port int, service string, backendPort uint16) string {
+func ruleYAML(ns, name string, port uint16, service string, backendPort uint16) string {
 	return fmt.Sprintf(`apiVersion: lb.stickylb.io/v1alpha1
 kind: LoadBalancerRule
 metadata:
@@ -348,7 +327,7 @@ spec:
 }
 
 // applyRule creates the rule with kubectl apply.
-func applyRule(t *testing.T, ns, name string, port int, service string, backendPort uint16) {
+func applyRule(t *testing.T, ns, name string, port uint16, service string, backendPort uint16) {
 	t.Helper()
 	out := mustKubectl(t, ruleYAML(ns, name, port, service, backendPort), "apply", "-f", "-")
 	if !strings.Contains(out, "loadbalancerrule.lb.stickylb.io/"+name) {
@@ -553,47 +532,11 @@ func echo(c net.Conn, line string) error {
 	return nil
 }
 
-// ---- ports and polling ----
+// ---- ports ----
 
-// freeAddr is a free TCP address on 127.0.0.1.
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
-
-// freePort is a port free for TCP on both 127.0.0.1 and 127.0.0.2.
-func freePort(t *testing.T) int {
-	t.Helper()
-	for range 50 {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		port := l.Addr().(*net.TCPAddr).Port
-		l.Close()
-		if l2, err := net.Listen("tcp", fmt.Sprintf("127.0.0.2:%d", port)); err == nil {
-			l2.Close()
-			return port
-		}
-	}
-	t.Fatal("no free port")
-	return 0
-}
-
-// eventually polls cond every 50ms until it holds, and returns how long it took.
-func eventually(t *testing.T, timeout time.Duration, what string, cond func() bool) time.Duration {
-	t.Helper()
-	start := time.Now()
-	for !cond() {
-		if time.Since(start) > timeout {
-			t.Fatalf("%s: not within %v", what, timeout)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	return time.Since(start)
-}
+// loopback1 and loopback2 are the two replicas' bind addresses: a rule's
+// port must be free on both.
+var (
+	loopback1 = netip.MustParseAddr("127.0.0.1")
+	loopback2 = netip.MustParseAddr("127.0.0.2")
+)
