@@ -5,7 +5,9 @@
 #   2. installs HAProxy from Debian when it is missing and we are root;
 #   3. runs the driver: direct vs stickylb proxy vs HAProxy, one table;
 #   4. runs the Go microbenchmarks of ./dataplane/...;
-#   5. prints the issue's targets as PASS/FAIL/SKIP.
+#   5. runs the controller benchmarks of ./controllers/ (envtest: a real
+#      kube-apiserver and etcd, the manager in-process; needs root);
+#   6. prints the issue's targets as PASS/FAIL/SKIP.
 #
 # It is a report: it exits 0 even when a step fails, and says which.
 # Extra driver flags go in BENCH_FLAGS, e.g. BENCH_FLAGS="-rounds 2".
@@ -54,12 +56,51 @@ step "Go microbenchmarks: go test -run=NONE -bench=. -benchmem ./dataplane/..."
 go test -run=NONE -bench=. -benchmem ./dataplane/... 2>&1 | tee "$tmp/micro.txt" ||
 	echo "bench: some microbenchmark packages failed"
 
+controller_bench='EndpointSliceToDataplane|ThousandRulesReady'
+step "controller benchmarks: go test -run=NONE -bench='$controller_bench' -benchtime=1x ./controllers/"
+if assets=$(hack/test-binaries.sh | tail -n 1) && [ -n "$assets" ]; then
+	KUBEBUILDER_ASSETS="$assets" go test -run=NONE -bench="$controller_bench" -benchtime=1x -timeout=15m ./controllers/ 2>&1 |
+		tee "$tmp/controllers.txt" || echo "bench: the controller benchmarks failed"
+else
+	echo "bench: building the envtest binaries failed: no controller benchmarks"
+fi
+
+# metric BENCHMARK UNIT: the value a benchmark reported in UNIT, if any.
+metric() {
+	[ -s "$tmp/controllers.txt" ] || return 0
+	awk -v b="$1" -v u="$2" '$1 ~ ("^Benchmark" b "(-[0-9]+)?$") {
+		for (i = 3; i < NF; i++) if ($(i + 1) == u) { print $i; exit }
+	}' "$tmp/controllers.txt"
+}
+# verdict RESULT DETAIL: one more line of the targets, aligned with the driver's.
+verdict() { printf '%s  %-42s  %s\n' "$1" "$target" "$2"; }
+# below A LIMIT: whether A < LIMIT.
+below() { awk -v a="$1" -v l="$2" 'BEGIN { exit !(a < l) }'; }
+
 step "targets"
 if [ -s "$tmp/results.json" ]; then
 	"$tmp/bench" -verdict -json "$tmp/results.json" -microbench "$tmp/micro.txt" ||
 		echo "bench: judging the targets failed"
 else
 	echo "bench: no results to judge"
+fi
+target="EndpointSlice to dataplane p99 < 200 ms"
+p50=$(metric EndpointSliceToDataplane p50-ms) p99=$(metric EndpointSliceToDataplane p99-ms)
+if [ -z "$p99" ]; then
+	verdict SKIP "no BenchmarkEndpointSliceToDataplane result"
+elif below "$p99" 200; then
+	verdict PASS "p99 $p99 ms (p50 $p50 ms)"
+else
+	verdict FAIL "p99 $p99 ms (p50 $p50 ms)"
+fi
+target="1,000 rules Ready < 60 s, RSS < 300 MiB"
+ready=$(metric ThousandRulesReady all-ready-s) rss=$(metric ThousandRulesReady rss-MiB) heap=$(metric ThousandRulesReady heap-MiB)
+if [ -z "$ready" ] || [ -z "$rss" ]; then
+	verdict SKIP "no BenchmarkThousandRulesReady result"
+elif below "$ready" 60 && below "$rss" 300; then
+	verdict PASS "all Ready in $ready s, RSS $rss MiB (Go heap $heap MiB)"
+else
+	verdict FAIL "all Ready in $ready s, RSS $rss MiB (Go heap $heap MiB)"
 fi
 
 echo
