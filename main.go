@@ -137,7 +137,8 @@ func runManager(args []string) int {
 	if leaderNS == "" {
 		leaderNS = o.podNamespace
 	}
-	cacheOpts := cache.Options{}
+	// Managed fields are never read here; dropping them halves what the cache holds.
+	cacheOpts := cache.Options{DefaultTransform: cache.TransformStripManagedFields()}
 	if !local {
 		// Only our own pods: the dataplane replicas.
 		cacheOpts.ByObject = map[client.Object]cache.ByObject{&corev1.Pod{}: {

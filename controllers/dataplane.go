@@ -14,10 +14,12 @@ import (
 	discoveryv1 "k8s.io/api/discovery/v1"
 	"k8s.io/apimachinery/pkg/types"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/controller"
 	"sigs.k8s.io/controller-runtime/pkg/event"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
+	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	lbv1alpha1 "github.com/stickylb/stickylb/api/v1alpha1"
@@ -103,26 +105,31 @@ func (d *Dataplane) SetupWithManager(mgr ctrl.Manager) error {
 	return ctrl.NewControllerManagedBy(mgr).
 		Named("dataplane").
 		WithOptions(controller.Options{NeedLeaderElection: &notLeaderElected, MaxConcurrentReconciles: 1}).
-		Watches(&lbv1alpha1.LoadBalancerRule{}, all).
-		Watches(&corev1.Service{}, all).
-		Watches(&discoveryv1.EndpointSlice{}, all).
+		// Status writes and our own frontends change no snapshot.
+		Watches(&lbv1alpha1.LoadBalancerRule{}, all, builder.WithPredicates(predicate.GenerationChangedPredicate{})).
+		Watches(&corev1.Service{}, all, builder.WithPredicates(notFrontend)).
+		Watches(&discoveryv1.EndpointSlice{}, all, builder.WithPredicates(notFrontend)).
 		Complete(d)
 }
+
+// notFrontend skips the frontend Services and EndpointSlices the controller
+// role writes: no rule's backends are there.
+var notFrontend = predicate.NewPredicateFuncs(func(o client.Object) bool { return o.GetLabels()[LabelFrontend] == "" })
 
 // Reconcile rebuilds and applies the snapshot.
 func (d *Dataplane) Reconcile(ctx context.Context, _ reconcile.Request) (reconcile.Result, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	var rules lbv1alpha1.LoadBalancerRuleList
-	if err := d.Client.List(ctx, &rules); err != nil {
+	if err := d.Client.List(ctx, &rules, client.UnsafeDisableDeepCopy); err != nil {
 		return reconcile.Result{}, err
 	}
 	var services corev1.ServiceList
-	if err := d.Client.List(ctx, &services); err != nil {
+	if err := d.Client.List(ctx, &services, client.UnsafeDisableDeepCopy); err != nil {
 		return reconcile.Result{}, err
 	}
 	var slices discoveryv1.EndpointSliceList
-	if err := d.Client.List(ctx, &slices); err != nil {
+	if err := d.Client.List(ctx, &slices, client.UnsafeDisableDeepCopy); err != nil {
 		return reconcile.Result{}, err
 	}
 	snap, results := translate.Translate(translate.Input{

@@ -203,7 +203,7 @@ func (r *RuleReconciler) recordTransitions(rule *lbv1alpha1.LoadBalancerRule, ne
 // accepted rules.
 func (r *RuleReconciler) syncFrontend(ctx context.Context, namespace, frontend string) (*corev1.Service, error) {
 	var rules lbv1alpha1.LoadBalancerRuleList
-	if err := r.Client.List(ctx, &rules, client.InNamespace(namespace)); err != nil {
+	if err := r.Client.List(ctx, &rules, client.InNamespace(namespace), client.UnsafeDisableDeepCopy); err != nil {
 		return nil, err
 	}
 	state := r.Dataplane.State()

@@ -2,6 +2,8 @@ package proxy
 
 import (
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/stickylb/stickylb/dataplane/snapshot"
 )
 
 // Metric names follow Azure Load Balancer's metrics where one exists
@@ -17,6 +19,8 @@ const (
 	refusedSessionLimit = "udp_session_limit"
 	refusedDraining     = "shutting_down"
 )
+
+var refusedReasons = []string{refusedGlobalLimit, refusedClientLimit, refusedNoBackend, refusedDialFailed, refusedSessionLimit, refusedDraining}
 
 type metrics struct {
 	bytes        *prometheus.CounterVec // rule, backend, direction
@@ -128,14 +132,18 @@ func (m *metrics) forgetBackend(rule, backend string) {
 	m.probeStatus.DeleteLabelValues(rule, backend)
 }
 
-// forgetRule drops every series of a rule that is gone.
-func (m *metrics) forgetRule(rule string) {
-	l := prometheus.Labels{"rule": rule}
-	for _, v := range []interface{ DeletePartialMatch(prometheus.Labels) int }{
-		m.bytes, m.packets, m.syn, m.activeFlows, m.udpSessions, m.dialFailures,
-		m.dialRetries, m.refused, m.idleTimeouts, m.probeStatus, m.rebuilds,
-	} {
-		v.DeletePartialMatch(l)
+// forgetRule drops every series of a rule that is gone. It deletes them by
+// their exact labels: a partial match scans every series of every rule.
+func (m *metrics) forgetRule(r *snapshot.Rule) {
+	for _, b := range r.Backends {
+		m.forgetBackend(r.Name, b.Addr.String())
+	}
+	m.udpSessions.DeleteLabelValues(r.Name)
+	m.dialRetries.DeleteLabelValues(r.Name)
+	m.idleTimeouts.DeleteLabelValues(r.Name)
+	m.rebuilds.DeleteLabelValues(r.Name)
+	for _, reason := range refusedReasons {
+		m.refused.DeleteLabelValues(r.Name, reason)
 	}
 }
 
@@ -154,7 +162,7 @@ func (m *metrics) forRule(rule string) *ruleMetrics {
 		udpSessions:  m.udpSessions.WithLabelValues(rule),
 		refused:      map[string]prometheus.Counter{},
 	}
-	for _, r := range []string{refusedGlobalLimit, refusedClientLimit, refusedNoBackend, refusedDialFailed, refusedSessionLimit, refusedDraining} {
+	for _, r := range refusedReasons {
 		rm.refused[r] = m.refused.WithLabelValues(rule, r)
 	}
 	return rm

@@ -183,7 +183,10 @@ func (p *Proxy) Apply(s *snapshot.Snapshot) (failed map[string]error, err error)
 			if ok {
 				p.forgetRemovedBackends(rs.rule, r)
 			}
-			rs = newRuleState(r, p.metrics)
+			// A copy: pointing into s.Rules would keep every rule of s alive
+			// for as long as this one rule is served.
+			rc := *r
+			rs = newRuleState(&rc, p.metrics)
 			fresh = append(fresh, rs)
 		}
 		rules[r.Name] = rs
@@ -198,7 +201,7 @@ func (p *Proxy) Apply(s *snapshot.Snapshot) (failed map[string]error, err error)
 	}
 	for name, rs := range p.rules {
 		if _, ok := rules[name]; !ok {
-			p.metrics.forgetRule(rs.rule.Name)
+			p.metrics.forgetRule(rs.rule)
 		}
 	}
 	// Probers start (Up) before the pools are built so that every pool sees
