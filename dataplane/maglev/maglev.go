@@ -57,8 +57,10 @@ const (
 type Table struct {
 	backends []string // sorted, distinct
 	size     uint64   // M, prime
-	// Exactly one of small and large holds the M slots (none when there are
-	// no backends); small halves the memory when indices fit in 16 bits.
+	// Exactly one of tiny, small and large holds the M slots (none when
+	// there are no backends): the narrowest type the backend indices fit in,
+	// since a proxy holds one table per rule.
+	tiny  []uint8
 	small []uint16
 	large []uint32
 }
@@ -80,6 +82,9 @@ func Build(backends []string, size uint64) (*Table, error) {
 	t := &Table{backends: slices.Clip(keys), size: m}
 	switch {
 	case len(keys) == 0:
+	case len(keys) < math.MaxUint8:
+		t.tiny = make([]uint8, m)
+		fill(t.tiny, keys, math.MaxUint8)
 	case len(keys) < math.MaxUint16:
 		t.small = make([]uint16, m)
 		fill(t.small, keys, math.MaxUint16)
@@ -126,7 +131,7 @@ func isPrime(n uint64) bool {
 
 // slotIndex is the entry type of a table: a backend index, with the all-ones
 // value reserved to mark an unclaimed slot while filling.
-type slotIndex interface{ ~uint16 | ~uint32 }
+type slotIndex interface{ ~uint8 | ~uint16 | ~uint32 }
 
 // fill runs the Maglev population: backends take turns, in sorted order, to
 // claim the next free slot on their own permutation until every slot is taken.
@@ -182,6 +187,9 @@ func backendHash(seed uint64, key string) uint64 {
 // Lookup returns the index of the backend for a flow hash, or -1 when the
 // table has no backends. It does not allocate.
 func (t *Table) Lookup(hash uint64) int {
+	if t.tiny != nil {
+		return int(t.tiny[hash%t.size])
+	}
 	if t.small != nil {
 		return int(t.small[hash%t.size])
 	}
@@ -193,6 +201,9 @@ func (t *Table) Lookup(hash uint64) int {
 
 // slot returns the backend index in slot s, which must be < t.size.
 func (t *Table) slot(s uint64) int {
+	if t.tiny != nil {
+		return int(t.tiny[s])
+	}
 	if t.small != nil {
 		return int(t.small[s])
 	}

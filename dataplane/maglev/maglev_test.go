@@ -30,7 +30,7 @@ func mustBuild(t testing.TB, backends []string, size uint64) *Table {
 
 // entries returns the slots as backend indices, whatever the entry width.
 func entries(t *Table) []int {
-	if t.small == nil && t.large == nil {
+	if t.tiny == nil && t.small == nil && t.large == nil {
 		return nil
 	}
 	out := make([]int, t.size)
@@ -170,6 +170,12 @@ func TestLargeIndexTable(t *testing.T) {
 	}
 	if small := mustBuild(t, backendKeys(n-1), 131071); small.small == nil {
 		t.Errorf("%d backends: want 16-bit entries", n-1)
+	}
+	if tiny := mustBuild(t, backendKeys(254), 0); tiny.tiny == nil {
+		t.Errorf("254 backends: want 8-bit entries")
+	}
+	if mid := mustBuild(t, backendKeys(255), 0); mid.small == nil {
+		t.Errorf("255 backends: want 16-bit entries (255 is the empty marker)")
 	}
 }
 

@@ -14,7 +14,19 @@ import (
 type backend struct {
 	addr netip.AddrPort
 	name string // addr.String(), the Maglev key and the metrics label
-	m    *backendMetrics
+	rule string
+
+	// The backend's metric series are made on its first flow: a large pool
+	// that sees little traffic should not cost eight series per endpoint.
+	metrics     *metrics
+	metricsOnce sync.Once
+	series      *backendMetrics
+}
+
+// m returns the backend's metric series, creating them on first use.
+func (b *backend) m() *backendMetrics {
+	b.metricsOnce.Do(func() { b.series = b.metrics.forBackend(b.rule, b.name) })
+	return b.series
 }
 
 // pool is what the hot path reads for a rule: an immutable Maglev table over
@@ -61,7 +73,7 @@ func newRuleState(r *snapshot.Rule, m *metrics) *ruleState {
 	rs := &ruleState{rule: r, m: m.forRule(r.Name), backends: make(map[netip.AddrPort]*backend, len(r.Backends))}
 	for _, b := range r.Backends {
 		name := b.Addr.String()
-		rs.backends[b.Addr] = &backend{addr: b.Addr, name: name, m: m.forBackend(r.Name, name)}
+		rs.backends[b.Addr] = &backend{addr: b.Addr, name: name, rule: r.Name, metrics: m}
 	}
 	return rs
 }

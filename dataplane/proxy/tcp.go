@@ -118,7 +118,7 @@ func (p *Proxy) handleTCP(rs *ruleState, local netip.AddrPort, c *net.TCPConn) {
 	for i, b := range candidates {
 		conn, err := dialer.Dial("tcp", b.name)
 		if err != nil {
-			b.m.dialFailures.Inc()
+			b.m().dialFailures.Inc()
 			if i+1 < len(candidates) {
 				rs.m.dialRetries.Inc()
 			}
@@ -126,8 +126,8 @@ func (p *Proxy) handleTCP(rs *ruleState, local netip.AddrPort, c *net.TCPConn) {
 		}
 		f := &tcpFlow{p: p, client: c, backend: conn.(*net.TCPConn), b: b, rs: rs, clientIP: ip}
 		p.flows.add(f)
-		b.m.syn.Inc()
-		b.m.tcpFlows.Inc()
+		b.m().syn.Inc()
+		b.m().tcpFlows.Inc()
 		released = true
 		f.start()
 		return
@@ -165,8 +165,8 @@ func (f *tcpFlow) start() {
 	f.timer = time.AfterFunc(f.rs.rule.IdleTimeout, f.checkIdle)
 	f.timerMu.Unlock()
 	f.running.Store(2)
-	go f.copy(f.backend, f.client, f.b.m.bytesIn)
-	go f.copy(f.client, f.backend, f.b.m.bytesOut)
+	go f.copy(f.backend, f.client, f.b.m().bytesIn)
+	go f.copy(f.client, f.backend, f.b.m().bytesOut)
 }
 
 // copy runs one direction and, as the last one out, ends the flow.
@@ -186,7 +186,7 @@ func (f *tcpFlow) end() {
 	f.timerMu.Unlock()
 	f.countPackets()
 	f.abort()
-	f.b.m.tcpFlows.Dec()
+	f.b.m().tcpFlows.Dec()
 	f.p.clients.release(f.clientIP)
 	f.p.tcpConns.Add(-1)
 	f.p.flows.remove(f)
@@ -328,10 +328,10 @@ func (d *direction) inq(fd uintptr) {
 // packet counters.
 func (f *tcpFlow) countPackets() {
 	if in, ok := segmentsIn(f.client); ok {
-		f.b.m.packetsIn.Add(float64(in))
+		f.b.m().packetsIn.Add(float64(in))
 	}
 	if out, ok := segmentsIn(f.backend); ok {
-		f.b.m.packetsOut.Add(float64(out))
+		f.b.m().packetsOut.Add(float64(out))
 	}
 }
 

@@ -95,8 +95,8 @@ func (l *udpListener) readLoop() {
 		}
 		s.touch()
 		if _, err := s.conn.Write(buf[:n]); err == nil {
-			s.b.m.packetsIn.Inc()
-			s.b.m.bytesIn.Add(float64(n))
+			s.b.m().packetsIn.Inc()
+			s.b.m().bytesIn.Add(float64(n))
 		}
 	}
 }
@@ -119,7 +119,7 @@ func (l *udpListener) newSession(rs *ruleState, pl *pool, client netip.AddrPort)
 	b := picked[0]
 	conn, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(b.addr))
 	if err != nil {
-		b.m.dialFailures.Inc()
+		b.m().dialFailures.Inc()
 		return nil
 	}
 	s := &udpSession{l: l, client: client, rs: rs, pool: pl, b: b, conn: conn}
@@ -134,7 +134,7 @@ func (l *udpListener) newSession(rs *ruleState, pl *pool, client netip.AddrPort)
 		rs.m.refused[refused].Inc()
 		return nil
 	}
-	b.m.udpFlows.Inc()
+	b.m().udpFlows.Inc()
 	rs.m.udpSessions.Inc()
 	go s.relayReplies()
 	return s
@@ -167,7 +167,7 @@ func (s *udpSession) end() {
 	s.endOnce.Do(func() {
 		s.l.forget(s)
 		_ = s.conn.Close()
-		s.b.m.udpFlows.Dec()
+		s.b.m().udpFlows.Dec()
 		s.rs.m.udpSessions.Dec()
 	})
 }
@@ -202,8 +202,8 @@ func (s *udpSession) relayReplies() {
 		if err == nil {
 			s.touch()
 			if _, werr := s.l.conn.WriteToUDPAddrPort((*bp)[:n], s.client); werr == nil {
-				s.b.m.packetsOut.Inc()
-				s.b.m.bytesOut.Add(float64(n))
+				s.b.m().packetsOut.Inc()
+				s.b.m().bytesOut.Add(float64(n))
 			}
 		}
 		datagrams.Put(bp)
