@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/go-logr/logr"
 	corev1 "k8s.io/api/core/v1"
@@ -19,6 +20,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/controller"
 	"sigs.k8s.io/controller-runtime/pkg/event"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
+	"sigs.k8s.io/controller-runtime/pkg/manager"
 	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
@@ -54,9 +56,13 @@ type Dataplane struct {
 	Bind netip.Addr
 	Log  logr.Logger
 
-	// changed tells the controller role which rules' status may have changed.
-	changed chan event.GenericEvent
-	state   atomic.Pointer[DataplaneState]
+	// changed tells the controller role which rules' status may have
+	// changed; pending coalesces them so that none is ever dropped.
+	changed   chan event.GenericEvent
+	pendingMu sync.Mutex
+	pending   map[types.NamespacedName]struct{}
+	wake      chan struct{}
+	state     atomic.Pointer[DataplaneState]
 
 	mu       sync.Mutex // serialises reconciles
 	version  uint64
@@ -65,7 +71,8 @@ type Dataplane struct {
 
 // NewDataplane returns the dataplane role for p.
 func NewDataplane(c client.Client, p *proxy.Proxy, bind netip.Addr, log logr.Logger) *Dataplane {
-	d := &Dataplane{Client: c, Proxy: p, Bind: bind, Log: log, changed: make(chan event.GenericEvent, 1024)}
+	d := &Dataplane{Client: c, Proxy: p, Bind: bind, Log: log, changed: make(chan event.GenericEvent),
+		pending: map[types.NamespacedName]struct{}{}, wake: make(chan struct{}, 1)}
 	d.state.Store(&DataplaneState{})
 	return d
 }
@@ -83,13 +90,39 @@ func (d *Dataplane) HealthChanged(rule string) {
 	d.notify(types.NamespacedName{Namespace: ns, Name: name})
 }
 
+// notify queues key for the controller role. It never blocks: probe
+// goroutines call it.
 func (d *Dataplane) notify(key types.NamespacedName) {
-	r := &lbv1alpha1.LoadBalancerRule{}
-	r.Namespace, r.Name = key.Namespace, key.Name
+	d.pendingMu.Lock()
+	d.pending[key] = struct{}{}
+	d.pendingMu.Unlock()
 	select {
-	case d.changed <- event.GenericEvent{Object: r}:
+	case d.wake <- struct{}{}:
 	default:
-		// The controller role is behind; its periodic resync catches up.
+	}
+}
+
+// forward hands the pending rules to the controller role until ctx ends.
+func (d *Dataplane) forward(ctx context.Context) error {
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-d.wake:
+		}
+		d.pendingMu.Lock()
+		keys := d.pending
+		d.pending = map[types.NamespacedName]struct{}{}
+		d.pendingMu.Unlock()
+		for key := range keys {
+			r := &lbv1alpha1.LoadBalancerRule{}
+			r.Namespace, r.Name = key.Namespace, key.Name
+			select {
+			case d.changed <- event.GenericEvent{Object: r}:
+			case <-ctx.Done():
+				return nil
+			}
+		}
 	}
 }
 
@@ -102,6 +135,9 @@ func (d *Dataplane) SetupWithManager(mgr ctrl.Manager) error {
 		return []reconcile.Request{everything}
 	})
 	notLeaderElected := false
+	if err := mgr.Add(manager.RunnableFunc(d.forward)); err != nil {
+		return err
+	}
 	return ctrl.NewControllerManagedBy(mgr).
 		Named("dataplane").
 		WithOptions(controller.Options{NeedLeaderElection: &notLeaderElected, MaxConcurrentReconciles: 1}).
@@ -164,6 +200,11 @@ func (d *Dataplane) Reconcile(ctx context.Context, _ reconcile.Request) (reconci
 		next.ListenErrors = prev.ListenErrors
 	}
 	d.state.Store(next)
+	var res reconcile.Result
+	if len(next.ListenErrors) > 0 {
+		// A frontend port may free up without any object changing.
+		res.RequeueAfter = 5 * time.Second
+	}
 	for key := range unionKeys(prev.Generations, next.Generations) {
 		if prev.Generations[key] != next.Generations[key] ||
 			!reflect.DeepEqual(prev.Results[key], next.Results[key]) ||
@@ -171,7 +212,7 @@ func (d *Dataplane) Reconcile(ctx context.Context, _ reconcile.Request) (reconci
 			d.notify(key)
 		}
 	}
-	return reconcile.Result{}, nil
+	return res, nil
 }
 
 // sameRules reports whether two snapshots serve the same rules (versions aside).
