@@ -41,6 +41,7 @@ build: ## Build the stickylb binary into bin/.
 
 .PHONY: test
 test: ## Unit tests and envtest suites against a real kube-apiserver and etcd, with the race detector.
+	@hack/host-tools.sh
 	@assets="$(ASSETS)"; echo "KUBEBUILDER_ASSETS=$$assets"; \
 	test -z "$$(gofmt -l $$(git ls-files -co --exclude-standard '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files -co --exclude-standard '*.go'); exit 1; }; \
 	go vet ./...; \
@@ -49,10 +50,12 @@ test: ## Unit tests and envtest suites against a real kube-apiserver and etcd, w
 
 .PHONY: demo
 demo: build ## Sticky sessions end to end on a local control plane, with nothing installed (about a minute).
+	@hack/host-tools.sh
 	@KUBEBUILDER_ASSETS="$(ASSETS)" go run ./hack/demo -stickylb $(BIN)/stickylb
 
 .PHONY: dev
 dev: build ## The demo's set-up, kept running: prints how to use kubectl against it.
+	@hack/host-tools.sh
 	@KUBEBUILDER_ASSETS="$(ASSETS)" go run ./hack/demo -dev -stickylb $(BIN)/stickylb
 
 .PHONY: bench
