@@ -21,7 +21,7 @@ func TestManagerStarts(t *testing.T) {
 		t.Fatal("KUBEBUILDER_ASSETS is not set: run with `make test`")
 	}
 	env := &envtest.Environment{CRDDirectoryPaths: []string{filepath.Join("config", "crd", "bases")}, ErrorIfCRDPathMissing: true}
-	if _, err := env.Start(); err != nil {
+	if _, err := testenv.Start(env); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = env.Stop() })

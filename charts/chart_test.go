@@ -491,7 +491,7 @@ func TestRBACIsTheGeneratedOne(t *testing.T) {
 // and that the manager works with the chart's RBAC and arguments.
 func TestInstall(t *testing.T) {
 	env := &envtest.Environment{}
-	cfg, err := env.Start()
+	cfg, err := testenv.Start(env)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -30,6 +30,7 @@ import (
 	"github.com/stickylb/stickylb/dataplane/proxy"
 	"github.com/stickylb/stickylb/internal/netns"
 	"github.com/stickylb/stickylb/internal/testbackend"
+	"github.com/stickylb/stickylb/internal/testenv"
 )
 
 // The suite runs the real manager in-process against a real API server, with
@@ -54,7 +55,7 @@ func TestMain(m *testing.M) {
 	utilruntime.Must(lbv1alpha1.AddToScheme(testScheme))
 	env := &envtest.Environment{CRDDirectoryPaths: []string{filepath.Join("..", "config", "crd", "bases")}, ErrorIfCRDPathMissing: true}
 	netns.ConfigureAPIServer(env)
-	cfg, err := env.Start()
+	cfg, err := testenv.Start(env)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "start envtest:", err)
 		os.Exit(1)

@@ -16,6 +16,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
 	lbv1alpha1 "github.com/stickylb/stickylb/api/v1alpha1"
+	"github.com/stickylb/stickylb/internal/testenv"
 )
 
 // These tests send rules to a real kube-apiserver (envtest) with the
@@ -32,7 +33,7 @@ func TestMain(m *testing.M) {
 		CRDDirectoryPaths:     []string{filepath.Join("..", "..", "config", "crd", "bases")},
 		ErrorIfCRDPathMissing: true,
 	}
-	cfg, err := env.Start()
+	cfg, err := testenv.Start(env)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "start envtest:", err)
 		os.Exit(1)

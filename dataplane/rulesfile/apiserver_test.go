@@ -18,6 +18,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
 	"github.com/stickylb/stickylb/api/v1alpha1"
+	"github.com/stickylb/stickylb/internal/testenv"
 )
 
 // TestAgreesWithTheAPIServer sends every case to a real kube-apiserver with
@@ -31,7 +32,7 @@ func TestAgreesWithTheAPIServer(t *testing.T) {
 		CRDDirectoryPaths:     []string{filepath.Join("..", "..", "config", "crd", "bases")},
 		ErrorIfCRDPathMissing: true,
 	}
-	cfg, err := env.Start()
+	cfg, err := testenv.Start(env)
 	if err != nil {
 		t.Fatalf("start envtest: %v", err)
 	}

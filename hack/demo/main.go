@@ -63,7 +63,7 @@ func run(dev bool, bin string) error {
 	step("starting a local control plane (kube-apiserver and etcd from %s)", assets)
 	env := &envtest.Environment{CRDDirectoryPaths: []string{"config/crd/bases"}, ErrorIfCRDPathMissing: true}
 	netns.ConfigureAPIServer(env)
-	if _, err := env.Start(); err != nil {
+	if _, err := testenv.Start(env); err != nil {
 		return err
 	}
 	defer func() { _ = env.Stop() }()

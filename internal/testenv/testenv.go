@@ -61,3 +61,15 @@ func FreeAddr(t testing.TB) string {
 	defer l.Close()
 	return l.Addr().String()
 }
+
+// Start starts env and, when that fails part way (a CRD that does not
+// install, say), stops whatever it had already launched: envtest leaves
+// kube-apiserver and etcd running otherwise.
+func Start(env *envtest.Environment) (*rest.Config, error) {
+	cfg, err := env.Start()
+	if err != nil {
+		_ = env.Stop()
+		return nil, err
+	}
+	return cfg, nil
+}

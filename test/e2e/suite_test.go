@@ -97,7 +97,7 @@ func run(m *testing.M) int {
 		ErrorIfCRDPathMissing: true,
 	}
 	netns.ConfigureAPIServer(env)
-	if _, err := env.Start(); err != nil {
+	if _, err := testenv.Start(env); err != nil {
 		fmt.Fprintln(os.Stderr, "start envtest:", err)
 		return 1
 	}
