@@ -111,6 +111,8 @@ func runProxy(args []string) int {
 		go func() { _ = srv.Serve(ln) }()
 		defer srv.Close()
 	}
+	hup, events, stopWatch := watchRules(o.rules, log)
+	defer stopWatch()
 	ld := &loader{path: o.rules, bind: bind, proxy: p, log: log, metrics: reloads}
 	if err := ld.load(); err != nil {
 		fmt.Fprintf(os.Stderr, "stickylb proxy: %v\n", err)
@@ -119,7 +121,7 @@ func runProxy(args []string) int {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	go ld.watch(ctx)
+	go ld.watch(ctx, hup, events)
 
 	<-ctx.Done()
 	log.Info("shutting down: draining connections", "timeout", o.drainTimeout)
@@ -206,24 +208,27 @@ func listeners(s *snapshot.Snapshot) []string {
 	return out
 }
 
-// watch reloads on SIGHUP and when the file changes. It watches the
-// directory, not the file, so that editors and ConfigMap updates that
-// replace the file by renaming are seen.
-func (l *loader) watch(ctx context.Context) {
-	hup := make(chan os.Signal, 1)
+// watchRules subscribes to SIGHUP and to changes of the rules file's
+// directory (not the file: editors and ConfigMap updates replace it by
+// renaming). It runs before the first load, so that nothing slips in
+// between; without a watcher, SIGHUP still works.
+func watchRules(path string, log logr.Logger) (hup chan os.Signal, events <-chan fsnotify.Event, stop func()) {
+	hup = make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
-	var events chan fsnotify.Event
+	stop = func() { signal.Stop(hup) }
 	w, err := fsnotify.NewWatcher()
 	if err == nil {
-		defer w.Close()
-		if err = w.Add(filepath.Dir(l.path)); err == nil {
-			events = w.Events
+		if err = w.Add(filepath.Dir(path)); err == nil {
+			return hup, w.Events, func() { signal.Stop(hup); _ = w.Close() }
 		}
+		_ = w.Close()
 	}
-	if err != nil {
-		l.log.Error(err, "cannot watch the rules file; reload with SIGHUP")
-	}
+	log.Error(err, "cannot watch the rules file; reload with SIGHUP")
+	return hup, nil, stop
+}
+
+// watch reloads on SIGHUP and when the file changes, until ctx ends.
+func (l *loader) watch(ctx context.Context, hup <-chan os.Signal, events <-chan fsnotify.Event) {
 	var debounce <-chan time.Time
 	for {
 		select {
