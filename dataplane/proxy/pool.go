@@ -5,6 +5,8 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/stickylb/stickylb/dataplane/health"
 	"github.com/stickylb/stickylb/dataplane/maglev"
 	"github.com/stickylb/stickylb/dataplane/snapshot"
@@ -15,6 +17,9 @@ type backend struct {
 	addr netip.AddrPort
 	name string // addr.String(), the Maglev key and the metrics label
 	rule string
+	// family and sa are addr for the socket calls that dial it.
+	family int
+	sa     unix.Sockaddr
 
 	// The backend's metric series are made on its first flow: a large pool
 	// that sees little traffic should not cost eight series per endpoint.
@@ -73,7 +78,8 @@ func newRuleState(r *snapshot.Rule, m *metrics) *ruleState {
 	rs := &ruleState{rule: r, m: m.forRule(r.Name), backends: make(map[netip.AddrPort]*backend, len(r.Backends))}
 	for _, b := range r.Backends {
 		name := b.Addr.String()
-		rs.backends[b.Addr] = &backend{addr: b.Addr, name: name, rule: r.Name, metrics: m}
+		family, sa := sockaddr(b.Addr)
+		rs.backends[b.Addr] = &backend{addr: b.Addr, name: name, rule: r.Name, family: family, sa: sa, metrics: m}
 	}
 	return rs
 }

@@ -48,6 +48,9 @@ type Options struct {
 	// probe goroutine and must not block.
 	OnHealthChange func(rule string)
 	Log            logr.Logger
+
+	// loops is the number of TCP event loops (default GOMAXPROCS).
+	loops int
 }
 
 func (o *Options) defaults() {
@@ -91,10 +94,14 @@ type Proxy struct {
 	// byTarget maps a health target to the rules probing it, for probe notifications.
 	byTarget atomic.Pointer[map[health.Target][]*ruleState]
 
+	// loops run the TCP listeners and flows; started with the first TCP
+	// listener, stopped by Shutdown.
+	loops []*loop
+
 	shutdown atomic.Bool
+	// tcpConns counts TCP flows, from accept to close.
 	tcpConns atomic.Int64
 	clients  clientCounter
-	flows    flowSet
 }
 
 // New returns a proxy serving nothing until the first Apply.
@@ -112,7 +119,6 @@ func New(opts Options) (*Proxy, error) {
 		listeners: map[snapshot.ListenerKey]listener{},
 	}
 	p.clients.init()
-	p.flows.init()
 	empty := map[health.Target][]*ruleState{}
 	p.byTarget.Store(&empty)
 	p.monitor = health.New(p.onProbeTransition)
@@ -281,10 +287,30 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 	}
 	p.mu.Unlock()
 	p.monitor.Close()
-	err := p.flows.wait(ctx)
+	err := p.drain(ctx)
 	if err != nil {
-		p.log.Info("drain timeout: closing remaining connections", "flows", p.flows.count())
+		p.log.Info("drain timeout: closing remaining connections", "flows", p.tcpConns.Load())
 	}
-	p.flows.closeAll()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, l := range p.loops {
+		l.do(func() { l.flows.each(func(f *tcpFlow) { f.close(l) }) })
+		l.stop()
+	}
+	p.loops = nil
 	return err
+}
+
+// drain waits until no TCP flow is left, or ctx is done.
+func (p *Proxy) drain(ctx context.Context) error {
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	for p.tcpConns.Load() > 0 {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-tick.C:
+		}
+	}
+	return nil
 }

@@ -1,14 +1,12 @@
 package proxy
 
 import (
-	"context"
-	"errors"
-	"io"
 	"net"
 	"net/netip"
+	"os"
+	"runtime"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -18,49 +16,172 @@ import (
 	"github.com/stickylb/stickylb/dataplane/snapshot"
 )
 
-// tcpListener accepts connections for the rule it currently serves.
+// tcpLoops returns the proxy's event loops, starting them on first use: one
+// per CPU the Go scheduler may use. Called with p.mu held.
+func (p *Proxy) tcpLoops() ([]*loop, error) {
+	if p.loops != nil {
+		return p.loops, nil
+	}
+	n := p.opts.loops
+	if n <= 0 {
+		n = runtime.GOMAXPROCS(0)
+	}
+	loops := make([]*loop, 0, n)
+	for range n {
+		l, err := newLoop(p)
+		if err != nil {
+			for _, l := range loops {
+				l.stop()
+			}
+			return nil, err
+		}
+		loops = append(loops, l)
+	}
+	p.loops = loops
+	return loops, nil
+}
+
+// tcpListener is one listening socket, registered with every loop: the
+// kernel wakes one of them per new connection (EPOLLEXCLUSIVE), and the
+// connection lives on that loop.
 type tcpListener struct {
-	p     *Proxy
-	ln    *net.TCPListener
-	local netip.AddrPort
-	rule  atomic.Pointer[ruleState]
-	start sync.Once
+	p         *Proxy
+	fd        int
+	local     netip.AddrPort
+	rule      atomic.Pointer[ruleState]
+	start     sync.Once
+	acceptors []*acceptor
+}
+
+// acceptor is a listener as one loop sees it.
+type acceptor struct {
+	ln      *tcpListener
+	backoff time.Duration
+	timer   timer // re-registers the listener after an accept error
+	closed  bool
 }
 
 func (p *Proxy) listenTCP(k snapshot.ListenerKey) (listener, error) {
-	// No TCP keepalive: the rule's idle timeout ends dead flows, as Azure's
-	// does, and keepalive costs four setsockopt calls per connection.
-	ln, err := (&net.ListenConfig{KeepAlive: -1}).Listen(context.Background(), "tcp", k.Addr.String())
+	if _, err := p.tcpLoops(); err != nil {
+		return nil, err
+	}
+	fd, err := listenSocket(k.Addr)
 	if err != nil {
 		return nil, err
 	}
-	return &tcpListener{p: p, ln: ln.(*net.TCPListener), local: k.Addr}, nil
+	return &tcpListener{p: p, fd: fd, local: k.Addr}, nil
+}
+
+// listenSocket opens a non-blocking listening socket on a. An IPv4 address
+// listens on IPv4 only; "::" listens on both families, as Go's net does.
+func listenSocket(a netip.AddrPort) (int, error) {
+	family, sa := sockaddr(a)
+	opErr := func(call string, err error) error {
+		return &net.OpError{Op: "listen", Net: "tcp", Addr: net.TCPAddrFromAddrPort(a), Err: os.NewSyscallError(call, err)}
+	}
+	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, opErr("socket", err)
+	}
+	setup := func() error {
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
+			return opErr("setsockopt", err)
+		}
+		if family == unix.AF_INET6 {
+			v6only := 1
+			if a.Addr().IsUnspecified() {
+				v6only = 0
+			}
+			if err := unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, v6only); err != nil {
+				return opErr("setsockopt", err)
+			}
+		}
+		// Accepted sockets inherit TCP_NODELAY from the listener: small
+		// messages leave at once, and each connection saves a system call.
+		if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1); err != nil {
+			return opErr("setsockopt", err)
+		}
+		if err := unix.Bind(fd, sa); err != nil {
+			return opErr("bind", err)
+		}
+		// The kernel caps the backlog at net.core.somaxconn.
+		if err := unix.Listen(fd, 1<<16-1); err != nil {
+			return opErr("listen", err)
+		}
+		return nil
+	}
+	if err := setup(); err != nil {
+		_ = unix.Close(fd)
+		return -1, err
+	}
+	return fd, nil
 }
 
 func (l *tcpListener) serve(rs *ruleState) {
 	l.rule.Store(rs)
-	l.start.Do(func() { go l.acceptLoop() })
+	l.start.Do(func() {
+		for _, lp := range l.p.loops {
+			a := &acceptor{ln: l}
+			a.timer = timer{index: -1, owner: a}
+			l.acceptors = append(l.acceptors, a)
+			lp.do(func() { a.register(lp) })
+		}
+	})
 }
 
-func (l *tcpListener) close() { _ = l.ln.Close() }
+// close stops accepting: every loop lets go of the socket, then it is
+// closed. Established flows are not affected.
+func (l *tcpListener) close() {
+	for i, a := range l.acceptors {
+		lp := l.p.loops[i]
+		lp.do(func() {
+			a.closed = true
+			lp.timers.cancel(&a.timer)
+			_ = unix.EpollCtl(lp.epfd, unix.EPOLL_CTL_DEL, l.fd, nil)
+			lp.forget(l.fd)
+		})
+	}
+	_ = unix.Close(l.fd)
+}
 
-func (l *tcpListener) acceptLoop() {
-	var backoff time.Duration
-	for {
-		c, err := l.ln.AcceptTCP()
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return
-			}
-			// Out of file descriptors or similar: back off rather than spin,
-			// and keep serving the connections we have.
-			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-			l.p.log.Error(err, "accept", "listener", l.local.String(), "retryIn", backoff)
-			time.Sleep(backoff)
+func (a *acceptor) register(lp *loop) {
+	if err := lp.register(a.ln.fd, unix.EPOLLIN|unix.EPOLLEXCLUSIVE, a); err != nil {
+		a.ln.p.log.Error(err, "cannot watch listener", "listener", a.ln.local.String())
+	}
+}
+
+// acceptBatch bounds the connections one wake-up accepts, so a busy listener
+// does not starve established flows.
+const acceptBatch = 64
+
+func (a *acceptor) event(lp *loop, fd int, _ uint32) {
+	for range acceptBatch {
+		cfd, sa, err := unix.Accept4(fd, unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC)
+		switch err {
+		case nil:
+		case unix.EAGAIN:
+			a.backoff = 0
+			return
+		case unix.EINTR, unix.ECONNABORTED:
 			continue
+		default:
+			// Out of file descriptors or similar: stop watching the listener
+			// for a while rather than spin, and keep serving the flows we have.
+			a.backoff = min(max(2*a.backoff, 5*time.Millisecond), time.Second)
+			a.ln.p.log.Error(err, "accept", "listener", a.ln.local.String(), "retryIn", a.backoff)
+			_ = unix.EpollCtl(lp.epfd, unix.EPOLL_CTL_DEL, fd, nil)
+			lp.forget(fd)
+			lp.timers.set(&a.timer, lp.now+a.backoff)
+			return
 		}
-		backoff = 0
-		go l.p.handleTCP(l.rule.Load(), l.local, c)
+		lp.p.acceptTCP(lp, a.ln, cfd, addrPortOf(sa))
+	}
+}
+
+// expire ends an accept back-off.
+func (a *acceptor) expire(lp *loop) {
+	if !a.closed {
+		a.register(lp)
 	}
 }
 
@@ -75,277 +196,422 @@ func flowHash(r *snapshot.Rule, client, frontend netip.AddrPort, proto snapshot.
 	return maglev.HashFlow(client, frontend, uint8(proto))
 }
 
-// refuse closes c with a reset, so the client learns at once.
-func refuse(c *net.TCPConn, rs *ruleState, reason string) {
-	rs.m.refused[reason].Inc()
-	_ = c.SetLinger(0)
-	_ = c.Close()
+// resetAndClose closes a socket with a RST (SO_LINGER 0).
+func resetAndClose(fd int) {
+	_ = unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
+	_ = unix.Close(fd)
 }
 
-func (p *Proxy) handleTCP(rs *ruleState, local netip.AddrPort, c *net.TCPConn) {
-	client := c.RemoteAddr().(*net.TCPAddr).AddrPort()
+// acceptTCP admits a new connection and starts dialing its backend, or
+// refuses it with a reset so the client learns at once.
+func (p *Proxy) acceptTCP(lp *loop, ln *tcpListener, cfd int, client netip.AddrPort) {
+	rs := ln.rule.Load()
 	ip := client.Addr().Unmap()
+	refuse := func(reason string) {
+		rs.m.refused[reason].Inc()
+		resetAndClose(cfd)
+	}
 	if p.shutdown.Load() {
-		refuse(c, rs, refusedDraining)
+		refuse(refusedDraining)
 		return
 	}
 	if p.tcpConns.Add(1) > int64(p.opts.MaxConnections) {
 		p.tcpConns.Add(-1)
-		refuse(c, rs, refusedGlobalLimit)
+		refuse(refusedGlobalLimit)
 		return
 	}
 	if !p.clients.acquire(ip, p.opts.MaxConnectionsPerClient) {
 		p.tcpConns.Add(-1)
-		refuse(c, rs, refusedClientLimit)
+		refuse(refusedClientLimit)
 		return
 	}
-	// Once started, the flow releases both slots when it ends; until then, we do.
-	released := false
-	defer func() {
-		if !released {
-			p.clients.release(ip)
-			p.tcpConns.Add(-1)
-		}
-	}()
-
-	var buf [maxDialAttempts]*backend
-	candidates := rs.pool.Load().pick(buf[:0], flowHash(rs.rule, client, local, snapshot.TCP), maxDialAttempts)
-	if len(candidates) == 0 {
-		refuse(c, rs, refusedNoBackend)
+	f := &tcpFlow{p: p, rs: rs, clientIP: ip, cfd: cfd, bfd: -1}
+	f.timer = timer{index: -1, owner: f}
+	f.ncand = uint8(len(rs.pool.Load().pick(f.cands[:0], flowHash(rs.rule, client, ln.local, snapshot.TCP), maxDialAttempts)))
+	if f.ncand == 0 {
+		p.clients.release(ip)
+		p.tcpConns.Add(-1)
+		refuse(refusedNoBackend)
 		return
 	}
-	dialer := net.Dialer{Timeout: p.opts.DialTimeout, KeepAlive: -1}
-	for i, b := range candidates {
-		conn, err := dialer.Dial("tcp", b.name)
-		if err != nil {
-			b.m().dialFailures.Inc()
-			if i+1 < len(candidates) {
-				rs.m.dialRetries.Inc()
-			}
-			continue
-		}
-		f := &tcpFlow{p: p, client: c, backend: conn.(*net.TCPConn), b: b, rs: rs, clientIP: ip}
-		p.flows.add(f)
-		b.m().syn.Inc()
-		b.m().tcpFlows.Inc()
-		released = true
-		f.start()
+	if err := lp.register(cfd, flowEvents, f); err != nil {
+		p.clients.release(ip)
+		p.tcpConns.Add(-1)
+		refuse(refusedDialFailed)
 		return
 	}
-	refuse(c, rs, refusedDialFailed)
+	lp.flows.add(f)
+	f.dial(lp)
 }
+
+// flowEvents is what a flow's sockets are watched for, once, edge-triggered.
+const flowEvents = unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET
 
 // tcpFlow is one proxied connection: a client socket and a backend socket,
-// copied by one goroutine each way.
+// owned by one loop. While idle it holds no buffer, no pipe and no goroutine.
 type tcpFlow struct {
-	p               *Proxy
-	client, backend *net.TCPConn
-	b               *backend
-	rs              *ruleState
-	clientIP        netip.Addr
+	p        *Proxy
+	rs       *ruleState
+	clientIP netip.Addr
+	cfd, bfd int
 
-	lastActive atomic.Int64 // nanoseconds since epoch, monotonic
-	timerMu    sync.Mutex
-	timer      *time.Timer
-	closeOnce  sync.Once
-	finished   atomic.Bool
-	running    atomic.Int32 // directions still copying
+	// Dialing: the client's Maglev preference order, and the attempt in flight.
+	cands         [maxDialAttempts]*backend
+	ncand, tried  uint8
+	b             *backend // the backend being dialed, then the one connected
+	established   bool
+	up, down      half // client to backend, backend to client
+	lastActive    time.Duration
+	timer         timer // dial timeout, then idle timeout
+	next, prev    *tcpFlow
+	closed        bool
+	countedActive bool
 }
 
-// epoch anchors lastActive to the monotonic clock.
-var epoch = time.Now()
+// half is one direction of a flow.
+type half struct {
+	src, dst int
+	bytes    prometheus.Counter
 
-func (f *tcpFlow) touch() { f.lastActive.Store(int64(time.Since(epoch))) }
+	readable bool // src signalled data (or its end) that we have not read
+	hup      bool // src's peer has shut down: read to the end even after a short read
+	eof      bool // src ended
+	shut     bool // dst has been shut down for writing
+	bulk     bool // the last read filled the buffer: splice the rest
 
-// start copies both ways on two fresh goroutines: the accepting goroutine's
-// stack grew while dialling, and an idle flow should not keep it.
-func (f *tcpFlow) start() {
-	f.touch()
-	f.timerMu.Lock()
-	f.timer = time.AfterFunc(f.rs.rule.IdleTimeout, f.checkIdle)
-	f.timerMu.Unlock()
-	f.running.Store(2)
-	go f.copy(f.backend, f.client, f.b.m().bytesIn)
-	go f.copy(f.client, f.backend, f.b.m().bytesOut)
+	pend    []byte  // read but not yet written: dst is full
+	pendBuf *[]byte // the pooled buffer pend points into
+	pipe    *pipe   // holds inPipe spliced bytes dst has not taken
+	inPipe  int
 }
 
-// copy runs one direction and, as the last one out, ends the flow.
-func (f *tcpFlow) copy(dst, src *net.TCPConn, bytes prometheus.Counter) {
-	d := direction{f: f, dst: dst, src: src, bytes: bytes}
-	d.run()
-	if f.running.Add(-1) == 0 {
-		f.end()
+// dial connects to the next candidate, or refuses the client when none is left.
+func (f *tcpFlow) dial(lp *loop) {
+	for f.tried < f.ncand {
+		b := f.cands[f.tried]
+		fd, err := connectSocket(b)
+		if err == nil {
+			if err = lp.register(fd, flowEvents, f); err == nil {
+				f.b, f.bfd = b, fd
+				lp.timers.set(&f.timer, lp.now+f.p.opts.DialTimeout)
+				return
+			}
+			_ = unix.Close(fd)
+		}
+		f.dialFailed(b)
+	}
+	f.rs.m.refused[refusedDialFailed].Inc()
+	_ = unix.SetsockoptLinger(f.cfd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
+	f.close(lp)
+}
+
+func (f *tcpFlow) dialFailed(b *backend) {
+	b.m().dialFailures.Inc()
+	f.tried++
+	if f.tried < f.ncand {
+		f.rs.m.dialRetries.Inc()
 	}
 }
 
-// end releases everything the flow holds.
-func (f *tcpFlow) end() {
-	f.finished.Store(true)
-	f.timerMu.Lock()
-	f.timer.Stop()
-	f.timerMu.Unlock()
-	f.countPackets()
-	f.abort()
-	f.b.m().tcpFlows.Dec()
-	f.p.clients.release(f.clientIP)
-	f.p.tcpConns.Add(-1)
-	f.p.flows.remove(f)
+// connectSocket starts a non-blocking connection to b; the loop learns of
+// its outcome from epoll.
+func connectSocket(b *backend) (int, error) {
+	fd, err := unix.Socket(b.family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, err
+	}
+	if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1); err != nil {
+		_ = unix.Close(fd)
+		return -1, err
+	}
+	if err := unix.Connect(fd, b.sa); err != nil && err != unix.EINPROGRESS {
+		_ = unix.Close(fd)
+		return -1, err
+	}
+	return fd, nil
 }
 
-// checkIdle runs when the flow may have been idle for the rule's idle
-// timeout; it closes the flow or re-arms for the remaining time.
-func (f *tcpFlow) checkIdle() {
-	if f.finished.Load() {
+// retryDial abandons the backend being dialed and tries the next one.
+func (f *tcpFlow) retryDial(lp *loop) {
+	lp.closeFD(f.bfd)
+	f.bfd = -1
+	f.dialFailed(f.b)
+	f.dial(lp)
+}
+
+// connected starts copying once the backend accepted.
+func (f *tcpFlow) connected(lp *loop) {
+	f.established = true
+	f.up = half{src: f.cfd, dst: f.bfd, bytes: f.b.m().bytesIn, readable: f.up.readable, hup: f.up.hup}
+	f.down = half{src: f.bfd, dst: f.cfd, bytes: f.b.m().bytesOut, readable: f.down.readable, hup: f.down.hup}
+	f.b.m().syn.Inc()
+	f.b.m().tcpFlows.Inc()
+	f.countedActive = true
+	f.lastActive = lp.now
+	lp.timers.set(&f.timer, lp.now+f.rs.rule.IdleTimeout)
+	if f.pump(lp, &f.up) {
+		f.pump(lp, &f.down)
+	}
+}
+
+func (f *tcpFlow) event(lp *loop, fd int, ev uint32) {
+	in, out := &f.up, &f.down // fd is in's source and out's destination
+	if fd != f.cfd {
+		in, out = &f.down, &f.up
+	}
+	if ev&(unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLHUP) != 0 {
+		in.readable = true
+		if ev&(unix.EPOLLRDHUP|unix.EPOLLHUP) != 0 {
+			in.hup = true
+		}
+	}
+	if !f.established {
+		switch {
+		case fd == f.cfd:
+			if ev&unix.EPOLLERR != 0 {
+				f.close(lp) // the client reset before we reached a backend
+			}
+		case ev&(unix.EPOLLERR|unix.EPOLLHUP) != 0:
+			f.retryDial(lp)
+		case ev&unix.EPOLLOUT != 0:
+			f.connected(lp)
+		}
 		return
 	}
-	idle := f.rs.rule.IdleTimeout
-	quiet := time.Since(epoch) - time.Duration(f.lastActive.Load())
-	if quiet < idle {
-		f.timerMu.Lock()
-		f.timer.Reset(idle - quiet)
-		f.timerMu.Unlock()
+	if ev&unix.EPOLLERR != 0 {
+		f.close(lp)
 		return
 	}
-	f.rs.m.idleTimeouts.Inc()
-	if f.rs.rule.TCPReset {
-		// SO_LINGER 0 makes close send a RST: both sides learn the flow is gone.
-		_ = f.client.SetLinger(0)
-		_ = f.backend.SetLinger(0)
+	if in.readable && !f.pump(lp, in) {
+		return
 	}
-	f.abort()
+	if ev&unix.EPOLLOUT != 0 && (out.inPipe > 0 || len(out.pend) > 0) {
+		f.pump(lp, out)
+	}
 }
 
-// abort closes both sockets, which ends both copy loops.
-func (f *tcpFlow) abort() {
-	f.closeOnce.Do(func() {
-		_ = f.client.Close()
-		_ = f.backend.Close()
-	})
-}
-
-// copyBuffers lend a buffer to a direction only between a read and its
-// write, so an idle flow holds none.
+// copyBuffers hold what a full destination has not taken yet.
 var copyBuffers = sync.Pool{New: func() any { b := make([]byte, copyBufferSize); return &b }}
 
 // copyBufferSize is what one read moves; a read that fills it means a bulk
 // transfer, which continues with splice(2).
 const copyBufferSize = 16 << 10
 
-// direction copies src to dst until src ends, then half-closes dst. Any
-// error aborts the whole flow.
+// pump moves what it can of one direction: first what dst did not take last
+// time, then whatever src has. It stops when src is drained or dst is full
+// (epoll says when either changes), and reports whether the flow is still
+// open.
 //
-// It reads only when the poller says src is readable, into a buffer
-// borrowed for that one read, and moves bulk data with splice(2) for exactly
-// the bytes queued. So a quiet flow holds neither a buffer nor a splice pipe
-// (Go's io.Copy between TCP sockets keeps a pipe pair while it waits), a
-// small message costs one read and one write, and bulk data mostly never
-// enters userspace.
-type direction struct {
-	f        *tcpFlow
-	dst, src *net.TCPConn
-	bytes    prometheus.Counter
-
-	raw    syscall.RawConn
-	buf    *[]byte
-	n      int
-	err    error
-	queued int
-	lr     io.LimitedReader
-}
-
-func (d *direction) run() {
-	var err error
-	if d.raw, err = d.src.SyscallConn(); err != nil {
-		d.f.abort()
-		return
+// Small messages go through the loop's one read buffer: one read and one
+// write each. A read that fills the buffer switches the direction to
+// splice(2) through a pipe, so bulk data stays in the kernel; the pipe goes
+// back to the loop as soon as it is empty, so a quiet flow holds none.
+func (f *tcpFlow) pump(lp *loop, h *half) bool {
+	if !h.flush() {
+		return f.close(lp)
 	}
-	d.lr.R = d.src
-	read, inq := d.read, d.inq // bound once: no allocation per call
-	for {
-		if err := d.raw.Read(read); err != nil {
-			d.f.abort()
-			return
-		}
-		n, rerr := d.n, d.err
-		if rerr != nil || n == 0 {
-			copyBuffers.Put(d.buf)
-			if rerr != nil {
-				d.f.abort()
-			} else {
-				_ = d.dst.CloseWrite()
-			}
-			return
-		}
-		d.f.touch()
-		_, werr := d.dst.Write((*d.buf)[:n])
-		copyBuffers.Put(d.buf)
-		d.bytes.Add(float64(n))
-		if werr != nil {
-			d.f.abort()
-			return
-		}
-		// A full read means a bulk transfer: splice(2) what is queued, and
-		// keep going while more arrives; never wait with the pipe held.
-		for n == copyBufferSize {
-			if err := d.raw.Control(inq); err != nil || d.queued <= 0 {
-				break
-			}
-			d.lr.N = int64(d.queued)
-			w, err := d.dst.ReadFrom(&d.lr)
-			d.bytes.Add(float64(w))
-			if err != nil {
-				d.f.abort()
-				return
-			}
-		}
-		d.f.touch()
+	if h.inPipe > 0 || len(h.pend) > 0 {
+		return true // dst is full; its EPOLLOUT resumes us
 	}
-}
-
-// read is called by the poller: it reads once, and when nothing is there it
-// returns the buffer and asks to wait.
-func (d *direction) read(fd uintptr) bool {
-	bp := copyBuffers.Get().(*[]byte)
-	n, err := unix.Read(int(fd), *bp)
-	if err == unix.EAGAIN || err == unix.EINTR {
-		copyBuffers.Put(bp)
-		return false
+	moved := 0
+	for h.readable && !h.eof {
+		var n int
+		var err error
+		if h.bulk {
+			if h.pipe == nil {
+				if h.pipe = lp.getPipe(); h.pipe == nil {
+					h.bulk = false
+					continue
+				}
+			}
+			var n64 int64
+			n64, err = unix.Splice(h.src, nil, h.pipe.w, nil, pipeSize, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+			n = int(n64)
+		} else {
+			n, err = unix.Read(h.src, lp.scratch)
+		}
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err == unix.EAGAIN:
+			h.readable = false
+			h.bulk = h.bulk && moved >= copyBufferSize
+			continue
+		case err != nil:
+			return f.close(lp)
+		case n == 0:
+			h.eof = true
+			continue
+		}
+		moved += n
+		f.lastActive = lp.now
+		h.bytes.Add(float64(n))
+		if h.bulk {
+			h.inPipe = n
+		} else {
+			h.pend = lp.scratch[:n]
+		}
+		if !h.flush() {
+			return f.close(lp)
+		}
+		if h.inPipe > 0 || len(h.pend) > 0 {
+			h.keep()
+			return true
+		}
+		if !h.bulk {
+			if n == len(lp.scratch) {
+				h.bulk = true
+			} else if !h.hup {
+				h.readable = false // a short read drained the socket
+			}
+		}
 	}
-	d.buf, d.n, d.err = bp, n, err
+	if h.pipe != nil {
+		lp.putPipe(h.pipe)
+		h.pipe = nil
+	}
+	if h.eof && !h.shut {
+		h.shut = true
+		_ = unix.Shutdown(h.dst, unix.SHUT_WR)
+		if f.up.shut && f.down.shut {
+			f.close(lp)
+			return false
+		}
+	}
 	return true
 }
 
-// inq records the bytes queued on the socket.
-func (d *direction) inq(fd uintptr) {
-	n, err := unix.IoctlGetInt(int(fd), unix.SIOCINQ)
-	if err != nil {
-		n = 0
+// flush writes what dst has not taken yet; false means a write error.
+func (h *half) flush() bool {
+	for h.inPipe > 0 {
+		n, err := unix.Splice(h.pipe.r, nil, h.dst, nil, h.inPipe, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+		if err == unix.EINTR {
+			continue
+		}
+		if err == unix.EAGAIN {
+			return true
+		}
+		if err != nil {
+			return false
+		}
+		h.inPipe -= int(n)
 	}
-	d.queued = n
+	for len(h.pend) > 0 {
+		n, err := unix.Write(h.dst, h.pend)
+		if err == unix.EINTR {
+			continue
+		}
+		if err == unix.EAGAIN {
+			return true
+		}
+		if err != nil {
+			return false
+		}
+		h.pend = h.pend[n:]
+	}
+	if h.pendBuf != nil {
+		copyBuffers.Put(h.pendBuf)
+		h.pendBuf, h.pend = nil, nil
+	}
+	return true
+}
+
+// keep moves unwritten bytes out of the loop's read buffer into one of the
+// flow's own, until dst takes them.
+func (h *half) keep() {
+	if len(h.pend) == 0 || h.pendBuf != nil {
+		return
+	}
+	bp := copyBuffers.Get().(*[]byte)
+	h.pend = (*bp)[:copy(*bp, h.pend)]
+	h.pendBuf = bp
+}
+
+// expire is the flow's deadline: the dial timeout while dialing, then the
+// idle timeout, checked lazily against the last transfer.
+func (f *tcpFlow) expire(lp *loop) {
+	if !f.established {
+		f.retryDial(lp)
+		return
+	}
+	idle := f.rs.rule.IdleTimeout
+	if quiet := lp.now - f.lastActive; quiet < idle {
+		lp.timers.set(&f.timer, f.lastActive+idle)
+		return
+	}
+	f.rs.m.idleTimeouts.Inc()
+	if f.rs.rule.TCPReset {
+		// SO_LINGER 0 makes close send a RST: both sides learn the flow is gone.
+		for _, fd := range []int{f.cfd, f.bfd} {
+			_ = unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
+		}
+	}
+	f.close(lp)
+}
+
+// close ends the flow and releases everything it holds. It returns false,
+// for pump's callers.
+func (f *tcpFlow) close(lp *loop) bool {
+	if f.closed {
+		return false
+	}
+	f.closed = true
+	lp.timers.cancel(&f.timer)
+	lp.flows.remove(f)
+	if f.countedActive {
+		f.countPackets()
+		f.b.m().tcpFlows.Dec()
+	}
+	for _, h := range []*half{&f.up, &f.down} {
+		if h.pendBuf != nil {
+			copyBuffers.Put(h.pendBuf)
+			h.pendBuf, h.pend = nil, nil
+		}
+		if h.pipe != nil {
+			// Bytes still in the pipe are lost with the flow; so is the pipe.
+			if h.inPipe > 0 {
+				h.pipe.close()
+			} else {
+				lp.putPipe(h.pipe)
+			}
+			h.pipe = nil
+		}
+	}
+	lp.closeFD(f.cfd)
+	if f.bfd >= 0 {
+		lp.closeFD(f.bfd)
+	}
+	f.p.clients.release(f.clientIP)
+	f.p.tcpConns.Add(-1)
+	return false
 }
 
 // countPackets adds the flow's segments, as the kernel counted them, to the
 // packet counters.
 func (f *tcpFlow) countPackets() {
-	if in, ok := segmentsIn(f.client); ok {
-		f.b.m().packetsIn.Add(float64(in))
+	if info, err := unix.GetsockoptTCPInfo(f.cfd, unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
+		f.b.m().packetsIn.Add(float64(info.Segs_in))
 	}
-	if out, ok := segmentsIn(f.backend); ok {
-		f.b.m().packetsOut.Add(float64(out))
+	if info, err := unix.GetsockoptTCPInfo(f.bfd, unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
+		f.b.m().packetsOut.Add(float64(info.Segs_in))
 	}
 }
 
-func segmentsIn(c *net.TCPConn) (uint32, bool) {
-	rc, err := c.SyscallConn()
-	if err != nil {
-		return 0, false
+// sockaddr converts an address for the socket calls.
+func sockaddr(a netip.AddrPort) (family int, sa unix.Sockaddr) {
+	ip := a.Addr()
+	if ip.Is4() || ip.Is4In6() {
+		return unix.AF_INET, &unix.SockaddrInet4{Port: int(a.Port()), Addr: ip.Unmap().As4()}
 	}
-	var info *unix.TCPInfo
-	cerr := rc.Control(func(fd uintptr) {
-		info, err = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
-	})
-	if cerr != nil || err != nil {
-		return 0, false
+	return unix.AF_INET6, &unix.SockaddrInet6{Port: int(a.Port()), Addr: ip.As16()}
+}
+
+func addrPortOf(sa unix.Sockaddr) netip.AddrPort {
+	switch sa := sa.(type) {
+	case *unix.SockaddrInet4:
+		return netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port))
+	case *unix.SockaddrInet6:
+		return netip.AddrPortFrom(netip.AddrFrom16(sa.Addr), uint16(sa.Port))
 	}
-	return info.Segs_in, true
+	return netip.AddrPort{}
 }
