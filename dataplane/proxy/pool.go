@@ -5,8 +5,6 @@ import (
 	"sync"
 	"sync/atomic"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/stickylb/stickylb/dataplane/health"
 	"github.com/stickylb/stickylb/dataplane/maglev"
 	"github.com/stickylb/stickylb/dataplane/snapshot"
@@ -17,9 +15,8 @@ type backend struct {
 	addr netip.AddrPort
 	name string // addr.String(), the Maglev key and the metrics label
 	rule string
-	// family and sa are addr for the socket calls that dial it.
-	family int
-	sa     unix.Sockaddr
+	// sa is addr as connect(2) takes it; read-only, so every loop may use it.
+	sa rawSockaddr
 
 	// The backend's metric series are made on its first flow: a large pool
 	// that sees little traffic should not cost eight series per endpoint.
@@ -78,8 +75,7 @@ func newRuleState(r *snapshot.Rule, m *metrics) *ruleState {
 	rs := &ruleState{rule: r, m: m.forRule(r.Name), backends: make(map[netip.AddrPort]*backend, len(r.Backends))}
 	for _, b := range r.Backends {
 		name := b.Addr.String()
-		family, sa := sockaddr(b.Addr)
-		rs.backends[b.Addr] = &backend{addr: b.Addr, name: name, rule: r.Name, family: family, sa: sa, metrics: m}
+		rs.backends[b.Addr] = &backend{addr: b.Addr, name: name, rule: r.Name, sa: newRawSockaddr(b.Addr), metrics: m}
 	}
 	return rs
 }

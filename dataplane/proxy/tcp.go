@@ -8,6 +8,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
@@ -316,7 +317,7 @@ func (f *tcpFlow) dialFailed(b *backend) {
 // connectSocket starts a non-blocking connection to b; the loop learns of
 // its outcome from epoll.
 func connectSocket(b *backend) (int, error) {
-	fd, err := unix.Socket(b.family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	fd, err := unix.Socket(b.sa.family(), unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return -1, err
 	}
@@ -324,7 +325,7 @@ func connectSocket(b *backend) (int, error) {
 		_ = unix.Close(fd)
 		return -1, err
 	}
-	if err := unix.Connect(fd, b.sa); err != nil && err != unix.EINPROGRESS {
+	if err := b.sa.connect(fd); err != nil && err != unix.EINPROGRESS {
 		_ = unix.Close(fd)
 		return -1, err
 	}
@@ -604,6 +605,55 @@ func sockaddr(a netip.AddrPort) (family int, sa unix.Sockaddr) {
 		return unix.AF_INET, &unix.SockaddrInet4{Port: int(a.Port()), Addr: ip.Unmap().As4()}
 	}
 	return unix.AF_INET6, &unix.SockaddrInet6{Port: int(a.Port()), Addr: ip.As16()}
+}
+
+// rawSockaddr is an address in the kernel's layout. x/sys's Sockaddr types
+// write their raw form into themselves on every call, so one of them cannot
+// be shared between loops; this is built once and only read.
+type rawSockaddr struct {
+	v4  unix.RawSockaddrInet4
+	v6  unix.RawSockaddrInet6
+	is6 bool
+}
+
+func newRawSockaddr(a netip.AddrPort) rawSockaddr {
+	var r rawSockaddr
+	ip := a.Addr()
+	if ip.Is4() || ip.Is4In6() {
+		r.v4.Family = unix.AF_INET
+		r.v4.Addr = ip.Unmap().As4()
+		putPort(&r.v4.Port, a.Port())
+		return r
+	}
+	r.is6 = true
+	r.v6.Family = unix.AF_INET6
+	r.v6.Addr = ip.As16()
+	putPort(&r.v6.Port, a.Port())
+	return r
+}
+
+// putPort stores port in network byte order.
+func putPort(dst *uint16, port uint16) {
+	b := (*[2]byte)(unsafe.Pointer(dst))
+	b[0], b[1] = byte(port>>8), byte(port)
+}
+
+func (r *rawSockaddr) family() int {
+	if r.is6 {
+		return unix.AF_INET6
+	}
+	return unix.AF_INET
+}
+
+func (r *rawSockaddr) connect(fd int) error {
+	ptr, size := unsafe.Pointer(&r.v4), uintptr(unix.SizeofSockaddrInet4)
+	if r.is6 {
+		ptr, size = unsafe.Pointer(&r.v6), uintptr(unix.SizeofSockaddrInet6)
+	}
+	if _, _, e := unix.Syscall(unix.SYS_CONNECT, uintptr(fd), uintptr(ptr), size); e != 0 {
+		return e
+	}
+	return nil
 }
 
 func addrPortOf(sa unix.Sockaddr) netip.AddrPort {
