@@ -8,7 +8,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
-	"unsafe"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
@@ -51,7 +50,8 @@ type tcpListener struct {
 	local     netip.AddrPort
 	rule      atomic.Pointer[ruleState]
 	start     sync.Once
-	acceptors []*acceptor
+	loops     []*loop
+	acceptors []*acceptor // by loop
 }
 
 // acceptor is a listener as one loop sees it.
@@ -70,7 +70,7 @@ func (p *Proxy) listenTCP(k snapshot.ListenerKey) (listener, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &tcpListener{p: p, fd: fd, local: k.Addr}, nil
+	return &tcpListener{p: p, fd: fd, local: k.Addr, loops: p.loops}, nil
 }
 
 // listenSocket opens a non-blocking listening socket on a. An IPv4 address
@@ -121,7 +121,7 @@ func listenSocket(a netip.AddrPort) (int, error) {
 func (l *tcpListener) serve(rs *ruleState) {
 	l.rule.Store(rs)
 	l.start.Do(func() {
-		for _, lp := range l.p.loops {
+		for _, lp := range l.loops {
 			a := &acceptor{ln: l}
 			a.timer = timer{index: -1, owner: a}
 			l.acceptors = append(l.acceptors, a)
@@ -134,7 +134,7 @@ func (l *tcpListener) serve(rs *ruleState) {
 // closed. Established flows are not affected.
 func (l *tcpListener) close() {
 	for i, a := range l.acceptors {
-		lp := l.p.loops[i]
+		lp := l.loops[i]
 		lp.do(func() {
 			a.closed = true
 			lp.timers.cancel(&a.timer)
@@ -157,7 +157,7 @@ const acceptBatch = 64
 
 func (a *acceptor) event(lp *loop, fd int, _ uint32) {
 	for range acceptBatch {
-		cfd, sa, err := unix.Accept4(fd, unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC)
+		cfd, client, err := accept(fd)
 		switch err {
 		case nil:
 		case unix.EAGAIN:
@@ -175,7 +175,13 @@ func (a *acceptor) event(lp *loop, fd int, _ uint32) {
 			lp.timers.set(&a.timer, lp.now+a.backoff)
 			return
 		}
-		lp.p.acceptTCP(lp, a.ln, cfd, addrPortOf(sa))
+		ln, to := a.ln, pickLoop(lp, a.ln.loops)
+		to.load.Add(1)
+		if to == lp {
+			lp.p.acceptTCP(lp, ln, cfd, client)
+		} else {
+			to.post(func() { to.p.acceptTCP(to, ln, cfd, client) })
+		}
 	}
 }
 
@@ -203,14 +209,41 @@ func resetAndClose(fd int) {
 	_ = unix.Close(fd)
 }
 
-// acceptTCP admits a new connection and starts dialing its backend, or
-// refuses it with a reset so the client learns at once.
+// pickLoop chooses the loop a new connection will live on: the accepting
+// one, unless another carries clearly fewer flows. Whichever loop the kernel
+// wakes accepts everything queued, so without this a burst of connections
+// (eight bulk streams opening together) could all land on one CPU.
+func pickLoop(lp *loop, loops []*loop) *loop {
+	best, mine := lp, lp.load.Load()
+	least := mine
+	for _, o := range loops {
+		if n := o.load.Load(); n < least {
+			best, least = o, n
+		}
+	}
+	if mine-least >= max(1, mine/8) {
+		return best
+	}
+	return lp
+}
+
+// acceptTCP admits a new connection on lp and starts dialing its backend,
+// or refuses it with a reset so the client learns at once. lp.load already
+// counts it.
 func (p *Proxy) acceptTCP(lp *loop, ln *tcpListener, cfd int, client netip.AddrPort) {
 	rs := ln.rule.Load()
 	ip := client.Addr().Unmap()
+	var counted, acquired bool
 	refuse := func(reason string) {
 		rs.m.refused[reason].Inc()
 		resetAndClose(cfd)
+		if acquired {
+			p.clients.release(ip)
+		}
+		if counted {
+			p.tcpConns.Add(-1)
+		}
+		lp.load.Add(-1)
 	}
 	if p.shutdown.Load() {
 		refuse(refusedDraining)
@@ -221,23 +254,20 @@ func (p *Proxy) acceptTCP(lp *loop, ln *tcpListener, cfd int, client netip.AddrP
 		refuse(refusedGlobalLimit)
 		return
 	}
+	counted = true
 	if !p.clients.acquire(ip, p.opts.MaxConnectionsPerClient) {
-		p.tcpConns.Add(-1)
 		refuse(refusedClientLimit)
 		return
 	}
+	acquired = true
 	f := &tcpFlow{p: p, rs: rs, clientIP: ip, cfd: cfd, bfd: -1}
 	f.timer = timer{index: -1, owner: f}
 	f.ncand = uint8(len(rs.pool.Load().pick(f.cands[:0], flowHash(rs.rule, client, ln.local, snapshot.TCP), maxDialAttempts)))
 	if f.ncand == 0 {
-		p.clients.release(ip)
-		p.tcpConns.Add(-1)
 		refuse(refusedNoBackend)
 		return
 	}
 	if err := lp.register(cfd, flowEvents, f); err != nil {
-		p.clients.release(ip)
-		p.tcpConns.Add(-1)
 		refuse(refusedDialFailed)
 		return
 	}
@@ -297,7 +327,7 @@ func (f *tcpFlow) dial(lp *loop) {
 				lp.timers.set(&f.timer, lp.now+f.p.opts.DialTimeout)
 				return
 			}
-			_ = unix.Close(fd)
+			sysClose(fd)
 		}
 		f.dialFailed(b)
 	}
@@ -317,16 +347,12 @@ func (f *tcpFlow) dialFailed(b *backend) {
 // connectSocket starts a non-blocking connection to b; the loop learns of
 // its outcome from epoll.
 func connectSocket(b *backend) (int, error) {
-	fd, err := unix.Socket(b.sa.family(), unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	fd, err := sysTCPSocket(b.sa.family())
 	if err != nil {
 		return -1, err
 	}
-	if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1); err != nil {
-		_ = unix.Close(fd)
-		return -1, err
-	}
 	if err := b.sa.connect(fd); err != nil && err != unix.EINPROGRESS {
-		_ = unix.Close(fd)
+		sysClose(fd)
 		return -1, err
 	}
 	return fd, nil
@@ -398,6 +424,15 @@ var copyBuffers = sync.Pool{New: func() any { b := make([]byte, copyBufferSize);
 // transfer, which continues with splice(2).
 const copyBufferSize = 16 << 10
 
+// pumpBudget bounds what one pump moves before the loop serves others.
+const pumpBudget = 1 << 20
+
+// pending is a direction that still had data when its pump ran out of budget.
+type pending struct {
+	f *tcpFlow
+	h *half
+}
+
 // pump moves what it can of one direction: first what dst did not take last
 // time, then whatever src has. It stops when src is drained or dst is full
 // (epoll says when either changes), and reports whether the flow is still
@@ -416,6 +451,11 @@ func (f *tcpFlow) pump(lp *loop, h *half) bool {
 	}
 	moved := 0
 	for h.readable && !h.eof {
+		if moved >= pumpBudget {
+			// Let the loop's other flows have a turn; it comes back to us.
+			lp.again = append(lp.again, pending{f, h})
+			break
+		}
 		var n int
 		var err error
 		if h.bulk {
@@ -425,11 +465,9 @@ func (f *tcpFlow) pump(lp *loop, h *half) bool {
 					continue
 				}
 			}
-			var n64 int64
-			n64, err = unix.Splice(h.src, nil, h.pipe.w, nil, pipeSize, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
-			n = int(n64)
+			n, err = sysSplice(h.src, h.pipe.w, pipeSize)
 		} else {
-			n, err = unix.Read(h.src, lp.scratch)
+			n, err = sysRead(h.src, lp.scratch)
 		}
 		switch {
 		case err == unix.EINTR:
@@ -473,11 +511,11 @@ func (f *tcpFlow) pump(lp *loop, h *half) bool {
 	}
 	if h.eof && !h.shut {
 		h.shut = true
-		_ = unix.Shutdown(h.dst, unix.SHUT_WR)
 		if f.up.shut && f.down.shut {
-			f.close(lp)
-			return false
+			// Both ways are done: close sends the last FIN.
+			return f.close(lp)
 		}
+		sysShutdownWrite(h.dst)
 	}
 	return true
 }
@@ -485,7 +523,7 @@ func (f *tcpFlow) pump(lp *loop, h *half) bool {
 // flush writes what dst has not taken yet; false means a write error.
 func (h *half) flush() bool {
 	for h.inPipe > 0 {
-		n, err := unix.Splice(h.pipe.r, nil, h.dst, nil, h.inPipe, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+		n, err := sysSplice(h.pipe.r, h.dst, h.inPipe)
 		if err == unix.EINTR {
 			continue
 		}
@@ -495,10 +533,10 @@ func (h *half) flush() bool {
 		if err != nil {
 			return false
 		}
-		h.inPipe -= int(n)
+		h.inPipe -= n
 	}
 	for len(h.pend) > 0 {
-		n, err := unix.Write(h.dst, h.pend)
+		n, err := sysWrite(h.dst, h.pend)
 		if err == unix.EINTR {
 			continue
 		}
@@ -584,6 +622,7 @@ func (f *tcpFlow) close(lp *loop) bool {
 	}
 	f.p.clients.release(f.clientIP)
 	f.p.tcpConns.Add(-1)
+	lp.load.Add(-1)
 	return false
 }
 
@@ -605,63 +644,4 @@ func sockaddr(a netip.AddrPort) (family int, sa unix.Sockaddr) {
 		return unix.AF_INET, &unix.SockaddrInet4{Port: int(a.Port()), Addr: ip.Unmap().As4()}
 	}
 	return unix.AF_INET6, &unix.SockaddrInet6{Port: int(a.Port()), Addr: ip.As16()}
-}
-
-// rawSockaddr is an address in the kernel's layout. x/sys's Sockaddr types
-// write their raw form into themselves on every call, so one of them cannot
-// be shared between loops; this is built once and only read.
-type rawSockaddr struct {
-	v4  unix.RawSockaddrInet4
-	v6  unix.RawSockaddrInet6
-	is6 bool
-}
-
-func newRawSockaddr(a netip.AddrPort) rawSockaddr {
-	var r rawSockaddr
-	ip := a.Addr()
-	if ip.Is4() || ip.Is4In6() {
-		r.v4.Family = unix.AF_INET
-		r.v4.Addr = ip.Unmap().As4()
-		putPort(&r.v4.Port, a.Port())
-		return r
-	}
-	r.is6 = true
-	r.v6.Family = unix.AF_INET6
-	r.v6.Addr = ip.As16()
-	putPort(&r.v6.Port, a.Port())
-	return r
-}
-
-// putPort stores port in network byte order.
-func putPort(dst *uint16, port uint16) {
-	b := (*[2]byte)(unsafe.Pointer(dst))
-	b[0], b[1] = byte(port>>8), byte(port)
-}
-
-func (r *rawSockaddr) family() int {
-	if r.is6 {
-		return unix.AF_INET6
-	}
-	return unix.AF_INET
-}
-
-func (r *rawSockaddr) connect(fd int) error {
-	ptr, size := unsafe.Pointer(&r.v4), uintptr(unix.SizeofSockaddrInet4)
-	if r.is6 {
-		ptr, size = unsafe.Pointer(&r.v6), uintptr(unix.SizeofSockaddrInet6)
-	}
-	if _, _, e := unix.Syscall(unix.SYS_CONNECT, uintptr(fd), uintptr(ptr), size); e != 0 {
-		return e
-	}
-	return nil
-}
-
-func addrPortOf(sa unix.Sockaddr) netip.AddrPort {
-	switch sa := sa.(type) {
-	case *unix.SockaddrInet4:
-		return netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port))
-	case *unix.SockaddrInet6:
-		return netip.AddrPortFrom(netip.AddrFrom16(sa.Addr), uint16(sa.Port))
-	}
-	return netip.AddrPort{}
 }
