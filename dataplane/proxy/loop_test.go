@@ -1,0 +1,231 @@
+package proxy
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/sha256"
+	"io"
+	"math/rand/v2"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// onLoops runs fn on every loop of p, in turn, and waits for it.
+func onLoops(p *testProxy, fn func(i int, l *loop)) {
+	p.mu.Lock()
+	loops := p.loops
+	p.mu.Unlock()
+	for i, l := range loops {
+		l.do(func() { fn(i, l) })
+	}
+}
+
+// TestBulkEchoIsIntactThroughBackpressure sends 16 MiB each way over four
+// connections at once, with a client that reads the echo slowly: the proxy
+// must hold what a full socket refuses and deliver every byte in order. Once
+// the transfers are done and the connections sit idle, no flow may still
+// hold a buffer or a splice pipe.
+func TestBulkEchoIsIntactThroughBackpressure(t *testing.T) {
+	backends := startBackends(t, 2, 9020)
+	port := freePort(t)
+	p := newProxy(t, Options{loops: 2})
+	p.apply(t, rule("bulk", port, backends))
+
+	const size = 16 << 20
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	conns := make([]io.Closer, 4)
+	for i := range conns {
+		c, err := dialFrom(clientIP(40+i), port)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns[i] = c
+		defer c.Close()
+		r := bufio.NewReader(c)
+		if _, err := r.ReadString('\n'); err != nil {
+			t.Fatal(err)
+		}
+		payload := make([]byte, size)
+		rng := rand.New(rand.NewPCG(uint64(i), 7))
+		for j := range payload {
+			payload[j] = byte(rng.Uint32())
+		}
+		want := sha256.Sum256(payload)
+		wg.Go(func() {
+			if _, err := c.Write(payload); err != nil {
+				errs <- err
+			}
+		})
+		wg.Go(func() {
+			h := sha256.New()
+			buf := make([]byte, 64<<10)
+			var got int
+			for got < size {
+				n, err := r.Read(buf[:min(len(buf), size-got)])
+				h.Write(buf[:n])
+				got += n
+				if err != nil {
+					errs <- err
+					return
+				}
+				if got%(1<<20) < n {
+					time.Sleep(20 * time.Millisecond) // a slow reader: the proxy must buffer, not drop
+				}
+			}
+			if !bytes.Equal(h.Sum(nil), want[:]) {
+				errs <- io.ErrUnexpectedEOF
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatalf("bulk echo: %v", err)
+	}
+
+	flows := 0
+	onLoops(p, func(_ int, l *loop) {
+		l.flows.each(func(f *tcpFlow) {
+			flows++
+			for _, h := range []*half{&f.up, &f.down} {
+				if h.pipe != nil || h.pendBuf != nil || h.inPipe > 0 || len(h.pend) > 0 {
+					t.Errorf("an idle flow holds pipe=%v buffer=%v (%d+%d bytes)", h.pipe != nil, h.pendBuf != nil, h.inPipe, len(h.pend))
+				}
+			}
+		})
+		if len(l.pipes) > maxFreePipes {
+			t.Errorf("loop keeps %d free pipes, at most %d", len(l.pipes), maxFreePipes)
+		}
+	})
+	if flows != len(conns) {
+		t.Fatalf("%d flows on the loops, want %d", flows, len(conns))
+	}
+	for _, c := range conns {
+		c.Close()
+	}
+	eventually(t, 5*time.Second, "every flow closed", func() bool { return p.tcpConns.Load() == 0 })
+}
+
+// TestConnectionsSpreadOverLoops opens a burst of connections that one loop
+// may well accept all at once: they must end up spread over the loops.
+func TestConnectionsSpreadOverLoops(t *testing.T) {
+	backends := startBackends(t, 2, 9022)
+	port := freePort(t)
+	p := newProxy(t, Options{loops: 2})
+	p.apply(t, rule("spread", port, backends))
+
+	const n = 16
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			c, err := dialFrom(clientIP(60+i), port)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			t.Cleanup(func() { c.Close() })
+			if _, err := bufio.NewReader(c).ReadString('\n'); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	wg.Wait()
+	perLoop := make([]int, 2)
+	onLoops(p, func(i int, l *loop) {
+		l.flows.each(func(*tcpFlow) { perLoop[i]++ })
+	})
+	if perLoop[0]+perLoop[1] != n || perLoop[0] < n/2-2 || perLoop[1] < n/2-2 {
+		t.Fatalf("flows per loop: %v, want %d spread evenly", perLoop, n)
+	}
+}
+
+// TestProxiedSocketsHaveNoDelay checks that both sockets of a flow send
+// small messages at once: the client side inherits TCP_NODELAY from the
+// listener (which saves a system call per connection), the backend side
+// sets it.
+func TestProxiedSocketsHaveNoDelay(t *testing.T) {
+	backends := startBackends(t, 1, 9024)
+	port := freePort(t)
+	p := newProxy(t, Options{})
+	p.apply(t, rule("nodelay", port, backends))
+	mustBackendOf(t, clientIP(80), port)
+	c, err := dialFrom(clientIP(81), port)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := bufio.NewReader(c).ReadString('\n'); err != nil {
+		t.Fatal(err)
+	}
+	checked := 0
+	onLoops(p, func(_ int, l *loop) {
+		l.flows.each(func(f *tcpFlow) {
+			for _, fd := range []int{f.cfd, f.bfd} {
+				v, err := unix.GetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY)
+				if err != nil || v == 0 {
+					t.Errorf("fd %d: TCP_NODELAY %d, %v", fd, v, err)
+				}
+				checked++
+			}
+		})
+	})
+	if checked != 2 {
+		t.Fatalf("checked %d sockets, want the 2 of the open flow", checked)
+	}
+}
+
+// TestTimerHeapOrder sets, moves and cancels timers at random and checks
+// they fire in deadline order, each once, and the cancelled ones never.
+func TestTimerHeapOrder(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	var fired []*testTimer
+	var h timerHeap
+	timers := make([]*testTimer, 500)
+	for i := range timers {
+		tt := &testTimer{fired: &fired}
+		tt.t = timer{index: -1, owner: tt}
+		timers[i] = tt
+		h.set(&tt.t, time.Duration(rng.IntN(1000)))
+	}
+	for range 300 {
+		tt := timers[rng.IntN(len(timers))]
+		if rng.IntN(3) == 0 {
+			h.cancel(&tt.t)
+			h.cancel(&tt.t) // twice is harmless
+			continue
+		}
+		h.set(&tt.t, time.Duration(rng.IntN(1000)))
+	}
+	queued := len(h)
+	l := &loop{now: 1000}
+	h.expire(l)
+	if len(fired) != queued || len(h) != 0 {
+		t.Fatalf("%d of %d queued timers fired; %d left", len(fired), queued, len(h))
+	}
+	for i, tt := range fired {
+		if tt.count != 1 {
+			t.Fatalf("a timer fired %d times", tt.count)
+		}
+		if i > 0 && tt.t.when < fired[i-1].t.when {
+			t.Fatalf("timer %d fired at %v after one at %v", i, tt.t.when, fired[i-1].t.when)
+		}
+	}
+	if got := h.waitMillis(0); got != -1 {
+		t.Fatalf("empty heap waits %d ms, want -1 (forever)", got)
+	}
+}
+
+type testTimer struct {
+	t     timer
+	count int
+	fired *[]*testTimer
+}
+
+func (tt *testTimer) expire(*loop) {
+	tt.count++
+	*tt.fired = append(*tt.fired, tt)
+}
