@@ -221,7 +221,7 @@ func pickLoop(lp *loop, loops []*loop) *loop {
 			best, least = o, n
 		}
 	}
-	if mine-least >= max(1, mine/8) {
+	if mine-least >= max(1, mine/4) {
 		return best
 	}
 	return lp
