@@ -424,8 +424,10 @@ var copyBuffers = sync.Pool{New: func() any { b := make([]byte, copyBufferSize);
 // transfer, which continues with splice(2).
 const copyBufferSize = 16 << 10
 
-// pumpBudget bounds what one pump moves before the loop serves others.
-const pumpBudget = 1 << 20
+// pumpBudget bounds what one pump moves before the loop serves its other
+// flows: about 2 ms of one bulk stream. Smaller budgets cost throughput in
+// make bench (1 MiB: about 4% less); larger ones only delay the others.
+const pumpBudget = 4 << 20
 
 // pending is a direction that still had data when its pump ran out of budget.
 type pending struct {
