@@ -229,3 +229,43 @@ func (tt *testTimer) expire(*loop) {
 	tt.count++
 	*tt.fired = append(*tt.fired, tt)
 }
+
+// TestPacketCounts checks the TCP packet counters: every message of a closed
+// connection went through as at least one segment each way.
+func TestPacketCounts(t *testing.T) {
+	backends := startBackends(t, 1, 9026)
+	port := freePort(t)
+	p := newProxy(t, Options{})
+	r := rule("packets", port, backends)
+	p.apply(t, r)
+	c, err := dialFrom(clientIP(90), port)
+	if err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(c)
+	if _, err := br.ReadString('\n'); err != nil {
+		t.Fatal(err)
+	}
+	const messages = 20
+	for i := range messages {
+		if _, err := c.Write([]byte{byte(i), '\n'}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := br.ReadString('\n'); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c.Close()
+	backend := backends[0].Addr.String()
+	in := p.metrics.packets.WithLabelValues(r.Name, backend, "in")
+	out := p.metrics.packets.WithLabelValues(r.Name, backend, "out")
+	eventually(t, 5*time.Second, "packets counted at close", func() bool { return p.counter(in) > 0 })
+	// In: the handshake's ACK, 20 messages, the FIN. Out: the banner, 20
+	// echoes, the FIN (acknowledgements may ride on data, or not).
+	if got := p.counter(in); got < messages+2 || got > 4*messages {
+		t.Errorf("packets in: %v, want %d to %d", got, messages+2, 4*messages)
+	}
+	if got := p.counter(out); got < messages+2 || got > 4*messages {
+		t.Errorf("packets out: %v, want %d to %d", got, messages+2, 4*messages)
+	}
+}

@@ -77,6 +77,18 @@ func sysTCPSocket(family int) (int, error) {
 	return int(fd), nil
 }
 
+// sysTCPSegments reads the segments a TCP socket received and sent.
+func sysTCPSegments(fd int) (in, out uint32, ok bool) {
+	var info unix.TCPInfo
+	size := uint32(unsafe.Sizeof(info))
+	_, _, e := unix.RawSyscall6(unix.SYS_GETSOCKOPT, uintptr(fd), unix.IPPROTO_TCP, unix.TCP_INFO,
+		uintptr(unsafe.Pointer(&info)), uintptr(unsafe.Pointer(&size)), 0)
+	if e != 0 {
+		return 0, 0, false
+	}
+	return info.Segs_in, info.Segs_out, true
+}
+
 // accept takes a pending connection as a non-blocking socket. x/sys's
 // Accept4 would spend a getsockopt on every connection to tell L2TP sockets
 // apart; this reads the peer's address itself.

@@ -628,14 +628,14 @@ func (f *tcpFlow) close(lp *loop) bool {
 	return false
 }
 
-// countPackets adds the flow's segments, as the kernel counted them, to the
-// packet counters.
+// countPackets adds the flow's packets at the frontend, as the kernel counted
+// them on the client's socket: segments from the client (in) and to it (out),
+// acknowledgements and retransmissions included. One TCP_INFO read per
+// connection.
 func (f *tcpFlow) countPackets() {
-	if info, err := unix.GetsockoptTCPInfo(f.cfd, unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
-		f.b.m().packetsIn.Add(float64(info.Segs_in))
-	}
-	if info, err := unix.GetsockoptTCPInfo(f.bfd, unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
-		f.b.m().packetsOut.Add(float64(info.Segs_in))
+	if in, out, ok := sysTCPSegments(f.cfd); ok {
+		f.b.m().packetsIn.Add(float64(in))
+		f.b.m().packetsOut.Add(float64(out))
 	}
 }
 
