@@ -79,6 +79,11 @@ spec:
 		}
 		return err == nil
 	})
+	// The UDP listener opens right after the TCP one.
+	testbackend.Eventually(t, 10*time.Second, "proxy on udp "+frontend.String()+" answers", func() bool {
+		_, err := testbackend.UDPExchange(testbackend.UDPClient(t, clients[len(clients)-1], frontend))
+		return err == nil
+	})
 
 	seen := map[string]int{}
 	for _, src := range clients {
