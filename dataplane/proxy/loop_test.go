@@ -6,11 +6,16 @@ import (
 	"crypto/sha256"
 	"io"
 	"math/rand/v2"
+	"net/netip"
+	"os"
+	"runtime"
 	"sync"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/stickylb/stickylb/dataplane/snapshot"
 )
 
 // onLoops runs fn on every loop of p, in turn, and waits for it.
@@ -267,5 +272,92 @@ func TestPacketCounts(t *testing.T) {
 	}
 	if got := p.counter(out); got < messages+2 || got > 4*messages {
 		t.Errorf("packets out: %v, want %d to %d", got, messages+2, 4*messages)
+	}
+}
+
+// openFDs counts the process's open file descriptors.
+func openFDs(t *testing.T) int {
+	t.Helper()
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(entries)
+}
+
+// TestNoDescriptorLeaks runs many connections that end every way a client
+// can end one (orderly close, reset, half-close, gone before the backend
+// answered) against a pool with one dead backend, and checks that once they
+// are over the proxy holds no flow and no descriptor more than before.
+func TestNoDescriptorLeaks(t *testing.T) {
+	backends := startBackends(t, 2, 9028)
+	dead := netip.AddrPortFrom(netip.MustParseAddr("127.0.1.9"), 9028) // nothing listens
+	port := freePort(t)
+	p := newProxy(t, Options{loops: 2})
+	r := rule("leaks", port, backends)
+	r.Backends = append(r.Backends, snapshot.Backend{Addr: dead})
+	p.apply(t, r)
+	mustBackendOf(t, clientIP(100), port) // loops, listener and pipes exist from here on
+	before := openFDs(t)
+
+	var wg sync.WaitGroup
+	for i := range 200 {
+		wg.Go(func() {
+			c, err := dialFrom(clientIP(100+i%50), port)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			br := bufio.NewReader(c)
+			switch i % 4 {
+			case 0: // orderly
+				_, _ = br.ReadString('\n')
+				_, _ = c.Write([]byte("hello\n"))
+				_, _ = br.ReadString('\n')
+				c.Close()
+			case 1: // reset mid-stream
+				_, _ = br.ReadString('\n')
+				_, _ = c.Write(bytes.Repeat([]byte("x"), 256<<10))
+				_ = c.SetLinger(0)
+				c.Close()
+			case 2: // half-close, then read to the end
+				_, _ = br.ReadString('\n')
+				_, _ = c.Write([]byte("bye\n"))
+				_ = c.CloseWrite()
+				_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+				_, _ = io.Copy(io.Discard, br)
+				c.Close()
+			case 3: // gone at once
+				_ = c.SetLinger(0)
+				c.Close()
+			}
+		})
+	}
+	wg.Wait()
+	eventually(t, 10*time.Second, "every flow closed", func() bool { return p.tcpConns.Load() == 0 })
+	flows := 0
+	onLoops(p, func(_ int, l *loop) { l.flows.each(func(*tcpFlow) { flows++ }) })
+	if flows != 0 {
+		t.Fatalf("%d flows left on the loops", flows)
+	}
+	// The loops keep up to maxFreePipes free pipes each, for reuse; nothing
+	// else may be left once the backends (in this process too) have seen
+	// their connections end and Go has collected their io.Copy pipes.
+	pipes := 0
+	onLoops(p, func(_ int, l *loop) { pipes += len(l.pipes) })
+	if !waitFor(10*time.Second, func() bool { runtime.GC(); return openFDs(t) <= before+2*pipes }) {
+		t.Fatalf("%d descriptors open after the connections ended, %d before (%d free pipes)", openFDs(t), before, pipes)
+	}
+}
+
+// waitFor polls cond until it holds or timeout passes.
+func waitFor(timeout time.Duration, cond func() bool) bool {
+	for deadline := time.Now().Add(timeout); ; time.Sleep(10 * time.Millisecond) {
+		if cond() {
+			return true
+		}
+		if time.Now().After(deadline) {
+			return false
+		}
 	}
 }
