@@ -203,10 +203,15 @@ func flowHash(r *snapshot.Rule, client, frontend netip.AddrPort, proto snapshot.
 	return maglev.HashFlow(client, frontend, uint8(proto))
 }
 
-// resetAndClose closes a socket with a RST (SO_LINGER 0).
-func resetAndClose(fd int) {
+// resetOnClose makes closing fd send a RST (SO_LINGER 0) instead of a FIN.
+func resetOnClose(fd int) {
 	_ = unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
-	_ = unix.Close(fd)
+}
+
+// resetAndClose closes a socket with a RST.
+func resetAndClose(fd int) {
+	resetOnClose(fd)
+	sysClose(fd)
 }
 
 // pickLoop chooses the loop a new connection will live on: the accepting
@@ -287,16 +292,15 @@ type tcpFlow struct {
 	cfd, bfd int
 
 	// Dialing: the client's Maglev preference order, and the attempt in flight.
-	cands         [maxDialAttempts]*backend
-	ncand, tried  uint8
-	b             *backend // the backend being dialed, then the one connected
-	established   bool
-	up, down      half // client to backend, backend to client
-	lastActive    time.Duration
-	timer         timer // dial timeout, then idle timeout
-	next, prev    *tcpFlow
-	closed        bool
-	countedActive bool
+	cands        [maxDialAttempts]*backend
+	ncand, tried uint8
+	b            *backend // the backend being dialed, then the one connected
+	established  bool
+	up, down     half // client to backend, backend to client
+	lastActive   time.Duration
+	timer        timer // dial timeout, then idle timeout
+	next, prev   *tcpFlow
+	closed       bool
 }
 
 // half is one direction of a flow.
@@ -332,7 +336,7 @@ func (f *tcpFlow) dial(lp *loop) {
 		f.dialFailed(b)
 	}
 	f.rs.m.refused[refusedDialFailed].Inc()
-	_ = unix.SetsockoptLinger(f.cfd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
+	resetOnClose(f.cfd)
 	f.close(lp)
 }
 
@@ -373,7 +377,6 @@ func (f *tcpFlow) connected(lp *loop) {
 	f.down = half{src: f.bfd, dst: f.cfd, bytes: f.b.m().bytesOut, readable: f.down.readable, hup: f.down.hup}
 	f.b.m().syn.Inc()
 	f.b.m().tcpFlows.Inc()
-	f.countedActive = true
 	f.lastActive = lp.now
 	lp.timers.set(&f.timer, lp.now+f.rs.rule.IdleTimeout)
 	if f.pump(lp, &f.up) {
@@ -582,10 +585,9 @@ func (f *tcpFlow) expire(lp *loop) {
 	}
 	f.rs.m.idleTimeouts.Inc()
 	if f.rs.rule.TCPReset {
-		// SO_LINGER 0 makes close send a RST: both sides learn the flow is gone.
-		for _, fd := range []int{f.cfd, f.bfd} {
-			_ = unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
-		}
+		// Both sides learn at once that the flow is gone.
+		resetOnClose(f.cfd)
+		resetOnClose(f.bfd)
 	}
 	f.close(lp)
 }
@@ -599,7 +601,7 @@ func (f *tcpFlow) close(lp *loop) bool {
 	f.closed = true
 	lp.timers.cancel(&f.timer)
 	lp.flows.remove(f)
-	if f.countedActive {
+	if f.established {
 		f.countPackets()
 		f.b.m().tcpFlows.Dec()
 	}
