@@ -44,11 +44,16 @@ type loop struct {
 	load atomic.Int32
 	// again holds directions to pump once more before sleeping.
 	again, pumping []pending
+	// copiers counts the directions handed to copier goroutines; the loop
+	// outlives them.
+	copiers  int
+	offloads int // directions handed to copiers so far
 
 	scratch []byte  // the read buffer every flow of the loop borrows
 	pipes   []*pipe // free splice pipes
 	events  []unix.EpollEvent
 	stopped bool
+	done    chan struct{} // closed when the loop has ended
 }
 
 type slot struct {
@@ -76,7 +81,7 @@ func newLoop(p *Proxy) (*loop, error) {
 		_ = unix.Close(epfd)
 		return nil, err
 	}
-	l := &loop{p: p, epfd: epfd, wake: wake, scratch: make([]byte, copyBufferSize), events: make([]unix.EpollEvent, 128)}
+	l := &loop{p: p, epfd: epfd, wake: wake, scratch: make([]byte, copyBufferSize), events: make([]unix.EpollEvent, 128), done: make(chan struct{})}
 	l.flows.init()
 	if err := unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, wake, &unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(wake)}); err != nil {
 		_ = unix.Close(wake)
@@ -156,8 +161,9 @@ func (l *loop) runTasks() {
 }
 
 func (l *loop) run() {
+	defer close(l.done)
 	var yielded time.Duration
-	for !l.stopped {
+	for !l.stopped || l.copiers > 0 {
 		wait := l.timers.waitMillis(l.now)
 		if len(l.again) > 0 {
 			wait = 0
@@ -213,7 +219,8 @@ func (l *loop) run() {
 	l.pipes = nil
 }
 
-// stop ends the loop after the current batch. Its flows must be closed first.
+// stop ends the loop once its copiers are back. Its flows must be closed
+// (or closing) first; wait on l.done to see it end.
 func (l *loop) stop() { l.post(func() { l.stopped = true }) }
 
 // pipe is a pipe pair for splice(2). A flow holds one only while spliced

@@ -30,26 +30,77 @@ func onLoops(p *testProxy, fn func(i int, l *loop)) {
 
 // TestBulkEchoIsIntactThroughBackpressure sends 16 MiB each way over four
 // connections at once, with a client that reads the echo slowly: the proxy
-// must hold what a full socket refuses and deliver every byte in order. Once
-// the transfers are done and the connections sit idle, no flow may still
-// hold a buffer or a splice pipe.
+// must hold what a full socket refuses and deliver every byte in order,
+// whether the transfers stay on their loops or move to copiers. Once the
+// transfers are done and the connections sit idle, no flow may still hold a
+// copier, a buffer or a splice pipe.
 func TestBulkEchoIsIntactThroughBackpressure(t *testing.T) {
-	backends := startBackends(t, 2, 9020)
-	port := freePort(t)
-	p := newProxy(t, Options{loops: 2})
-	p.apply(t, rule("bulk", port, backends))
+	for _, tc := range []struct {
+		name         string
+		offloadAfter int
+		slow         bool
+	}{
+		{"on the loops", 1 << 40, true},
+		{"on copiers, slow reader", 64 << 10, true},
+		{"on copiers, fast reader", 64 << 10, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			backends := startBackends(t, 2, 9020)
+			port := freePort(t)
+			p := newProxy(t, Options{loops: 2, offloadAfter: tc.offloadAfter})
+			p.apply(t, rule("bulk", port, backends))
+			conns := bulkEcho(t, port, 4, 16<<20, tc.slow)
 
-	const size = 16 << 20
+			eventually(t, 5*time.Second, "copiers back on their loops", func() bool {
+				busy := 0
+				onLoops(p, func(_ int, l *loop) { busy += l.copiers })
+				return busy == 0
+			})
+			flows, offloads := 0, 0
+			onLoops(p, func(_ int, l *loop) {
+				offloads += l.offloads
+				l.flows.each(func(f *tcpFlow) {
+					flows++
+					for _, h := range []*half{&f.up, &f.down} {
+						if h.busy || h.pipe != nil || h.pendBuf != nil || h.inPipe > 0 || len(h.pend) > 0 {
+							t.Errorf("an idle flow holds copier=%v pipe=%v buffer=%v (%d+%d bytes)", h.busy, h.pipe != nil, h.pendBuf != nil, h.inPipe, len(h.pend))
+						}
+					}
+				})
+				if len(l.pipes) > maxFreePipes {
+					t.Errorf("loop keeps %d free pipes, at most %d", len(l.pipes), maxFreePipes)
+				}
+			})
+			if flows != len(conns) {
+				t.Fatalf("%d flows on the loops, want %d", flows, len(conns))
+			}
+			if onCopiers := tc.offloadAfter < 16<<20; onCopiers != (offloads > 0) {
+				t.Fatalf("%d directions went to copiers", offloads)
+			}
+			for _, c := range conns {
+				c.Close()
+			}
+			eventually(t, 5*time.Second, "every flow closed", func() bool { return p.tcpConns.Load() == 0 })
+		})
+	}
+}
+
+// bulkEcho sends size random bytes over each of n connections to port at
+// once and checks that the echo comes back intact; a slow client reads the
+// echo in pauses, so the proxy has to hold what it cannot deliver. It
+// returns the connections, still open.
+func bulkEcho(t *testing.T, port uint16, n, size int, slow bool) []io.Closer {
+	t.Helper()
 	var wg sync.WaitGroup
-	errs := make(chan error, 8)
-	conns := make([]io.Closer, 4)
+	errs := make(chan error, 2*n)
+	conns := make([]io.Closer, n)
 	for i := range conns {
 		c, err := dialFrom(clientIP(40+i), port)
 		if err != nil {
 			t.Fatal(err)
 		}
 		conns[i] = c
-		defer c.Close()
+		t.Cleanup(func() { c.Close() })
 		r := bufio.NewReader(c)
 		if _, err := r.ReadString('\n'); err != nil {
 			t.Fatal(err)
@@ -77,8 +128,8 @@ func TestBulkEchoIsIntactThroughBackpressure(t *testing.T) {
 					errs <- err
 					return
 				}
-				if got%(1<<20) < n {
-					time.Sleep(20 * time.Millisecond) // a slow reader: the proxy must buffer, not drop
+				if slow && got%(1<<20) < n {
+					time.Sleep(20 * time.Millisecond) // the proxy must buffer, not drop
 				}
 			}
 			if !bytes.Equal(h.Sum(nil), want[:]) {
@@ -91,28 +142,7 @@ func TestBulkEchoIsIntactThroughBackpressure(t *testing.T) {
 	for err := range errs {
 		t.Fatalf("bulk echo: %v", err)
 	}
-
-	flows := 0
-	onLoops(p, func(_ int, l *loop) {
-		l.flows.each(func(f *tcpFlow) {
-			flows++
-			for _, h := range []*half{&f.up, &f.down} {
-				if h.pipe != nil || h.pendBuf != nil || h.inPipe > 0 || len(h.pend) > 0 {
-					t.Errorf("an idle flow holds pipe=%v buffer=%v (%d+%d bytes)", h.pipe != nil, h.pendBuf != nil, h.inPipe, len(h.pend))
-				}
-			}
-		})
-		if len(l.pipes) > maxFreePipes {
-			t.Errorf("loop keeps %d free pipes, at most %d", len(l.pipes), maxFreePipes)
-		}
-	})
-	if flows != len(conns) {
-		t.Fatalf("%d flows on the loops, want %d", flows, len(conns))
-	}
-	for _, c := range conns {
-		c.Close()
-	}
-	eventually(t, 5*time.Second, "every flow closed", func() bool { return p.tcpConns.Load() == 0 })
+	return conns
 }
 
 // TestConnectionsSpreadOverLoops opens a burst of connections that one loop
@@ -288,12 +318,18 @@ func openFDs(t *testing.T) int {
 // TestNoDescriptorLeaks runs many connections that end every way a client
 // can end one (orderly close, reset, half-close, gone before the backend
 // answered) against a pool with one dead backend, and checks that once they
-// are over the proxy holds no flow and no descriptor more than before.
+// are over the proxy holds no flow and no descriptor more than before; with
+// the bulk parts on the loops, and handed to copiers.
 func TestNoDescriptorLeaks(t *testing.T) {
+	t.Run("on the loops", func(t *testing.T) { testNoDescriptorLeaks(t, 1<<40) })
+	t.Run("on copiers", func(t *testing.T) { testNoDescriptorLeaks(t, offloadSoon) })
+}
+
+func testNoDescriptorLeaks(t *testing.T, offloadAfter int) {
 	backends := startBackends(t, 2, 9028)
 	dead := netip.AddrPortFrom(netip.MustParseAddr("127.0.1.9"), 9028) // nothing listens
 	port := freePort(t)
-	p := newProxy(t, Options{loops: 2})
+	p := newProxy(t, Options{loops: 2, offloadAfter: offloadAfter})
 	r := rule("leaks", port, backends)
 	r.Backends = append(r.Backends, snapshot.Backend{Addr: dead})
 	p.apply(t, r)
@@ -310,9 +346,9 @@ func TestNoDescriptorLeaks(t *testing.T) {
 			}
 			br := bufio.NewReader(c)
 			switch i % 4 {
-			case 0: // orderly
+			case 0: // orderly, after a bulk echo
 				_, _ = br.ReadString('\n')
-				_, _ = c.Write([]byte("hello\n"))
+				go func() { _, _ = c.Write(append(bytes.Repeat([]byte("b"), 512<<10), '\n')) }()
 				_, _ = br.ReadString('\n')
 				c.Close()
 			case 1: // reset mid-stream
@@ -339,6 +375,9 @@ func TestNoDescriptorLeaks(t *testing.T) {
 	onLoops(p, func(_ int, l *loop) { l.flows.each(func(*tcpFlow) { flows++ }) })
 	if flows != 0 {
 		t.Fatalf("%d flows left on the loops", flows)
+	}
+	if n := copierOffloads(p); (offloadAfter == offloadSoon) != (n > 0) {
+		t.Fatalf("%d directions went to copiers", n)
 	}
 	// The loops keep up to maxFreePipes free pipes each, for reuse; nothing
 	// else may be left once the backends (in this process too) have seen

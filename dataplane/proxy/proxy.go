@@ -51,9 +51,15 @@ type Options struct {
 
 	// loops is the number of TCP event loops (default GOMAXPROCS).
 	loops int
+	// offloadAfter is what one pump of a bulk direction moves on its loop
+	// before a copier takes the direction over (default pumpBudget).
+	offloadAfter int
 }
 
 func (o *Options) defaults() {
+	if o.offloadAfter <= 0 {
+		o.offloadAfter = pumpBudget
+	}
 	if o.DialTimeout <= 0 {
 		o.DialTimeout = 5 * time.Second
 	}
@@ -296,6 +302,11 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 	for _, l := range p.loops {
 		l.do(func() { l.flows.each(func(f *tcpFlow) { f.close(l) }) })
 		l.stop()
+	}
+	// A flow a copier holds closes when the copier is back, promptly: it
+	// has been told to stop, and none of its system calls blocks.
+	for _, l := range p.loops {
+		<-l.done
 	}
 	p.loops = nil
 	return err

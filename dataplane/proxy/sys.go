@@ -45,6 +45,17 @@ func sysSplice(in, out, n int) (int, error) {
 	return int(m), nil
 }
 
+// sysSpliceLong is sysSplice for the bulk copiers, which run on their own
+// goroutines: a long splice tells the scheduler, so that while it runs the
+// processor goes to another goroutine (see bulk.go).
+func sysSpliceLong(in, out, n int) (int, error) {
+	m, _, e := unix.Syscall6(unix.SYS_SPLICE, uintptr(in), 0, uintptr(out), 0, uintptr(n), unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+	if e != 0 {
+		return 0, e
+	}
+	return int(m), nil
+}
+
 func sysClose(fd int) {
 	_, _, _ = unix.RawSyscall(unix.SYS_CLOSE, uintptr(fd), 0, 0)
 }

@@ -296,6 +296,8 @@ type tcpFlow struct {
 	ncand, tried uint8
 	b            *backend // the backend being dialed, then the one connected
 	established  bool
+	closing      bool // close once the copiers are done
+	abort        atomic.Bool
 	up, down     half // client to backend, backend to client
 	lastActive   time.Duration
 	timer        timer // dial timeout, then idle timeout
@@ -313,6 +315,8 @@ type half struct {
 	eof      bool // src ended
 	shut     bool // dst has been shut down for writing
 	bulk     bool // the last read filled the buffer: splice the rest
+	busy     bool // a copier goroutine owns src, dst, pipe and inPipe
+	cs       *copyState
 
 	pend    []byte  // read but not yet written: dst is full
 	pendBuf *[]byte // the pooled buffer pend points into
@@ -385,9 +389,18 @@ func (f *tcpFlow) connected(lp *loop) {
 }
 
 func (f *tcpFlow) event(lp *loop, fd int, ev uint32) {
+	if f.closing {
+		return // waiting for a copier before closing
+	}
 	in, out := &f.up, &f.down // fd is in's source and out's destination
 	if fd != f.cfd {
 		in, out = &f.down, &f.up
+	}
+	if in.busy && ev&(unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+		in.signal()
+	}
+	if out.busy && ev&(unix.EPOLLOUT|unix.EPOLLERR|unix.EPOLLHUP) != 0 {
+		out.signal()
 	}
 	if ev&(unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLHUP) != 0 {
 		in.readable = true
@@ -415,7 +428,7 @@ func (f *tcpFlow) event(lp *loop, fd int, ev uint32) {
 	if in.readable && !f.pump(lp, in) {
 		return
 	}
-	if ev&unix.EPOLLOUT != 0 && (out.inPipe > 0 || len(out.pend) > 0) {
+	if ev&unix.EPOLLOUT != 0 && !out.busy && (out.inPipe > 0 || len(out.pend) > 0) {
 		f.pump(lp, out)
 	}
 }
@@ -448,6 +461,12 @@ type pending struct {
 // splice(2) through a pipe, so bulk data stays in the kernel; the pipe goes
 // back to the loop as soon as it is empty, so a quiet flow holds none.
 func (f *tcpFlow) pump(lp *loop, h *half) bool {
+	if f.closing {
+		return false
+	}
+	if h.busy {
+		return true // a copier has it and hands it back when done
+	}
 	if !h.flush() {
 		return f.close(lp)
 	}
@@ -456,6 +475,11 @@ func (f *tcpFlow) pump(lp *loop, h *half) bool {
 	}
 	moved := 0
 	for h.readable && !h.eof {
+		if h.bulk && h.pipe != nil && moved >= f.p.opts.offloadAfter {
+			// A long transfer: a copier goroutine takes it over.
+			f.offload(lp, h)
+			return true
+		}
 		if moved >= pumpBudget {
 			// Let the loop's other flows have a turn; it comes back to us.
 			lp.again = append(lp.again, pending{f, h})
@@ -579,6 +603,13 @@ func (f *tcpFlow) expire(lp *loop) {
 		return
 	}
 	idle := f.rs.rule.IdleTimeout
+	for _, h := range []*half{&f.up, &f.down} {
+		if h.cs != nil {
+			if a := time.Duration(h.cs.active.Load()); a > f.lastActive {
+				f.lastActive = a
+			}
+		}
+	}
 	if quiet := lp.now - f.lastActive; quiet < idle {
 		lp.timers.set(&f.timer, f.lastActive+idle)
 		return
@@ -596,6 +627,17 @@ func (f *tcpFlow) expire(lp *loop) {
 // for pump's callers.
 func (f *tcpFlow) close(lp *loop) bool {
 	if f.closed {
+		return false
+	}
+	if f.up.busy || f.down.busy {
+		// A copier is using the sockets: close when it hands them back.
+		f.closing = true
+		f.abort.Store(true)
+		for _, h := range []*half{&f.up, &f.down} {
+			if h.busy {
+				h.signal()
+			}
+		}
 		return false
 	}
 	f.closed = true
