@@ -196,6 +196,8 @@ func TestProxiedSocketsHaveNoDelay(t *testing.T) {
 	if _, err := bufio.NewReader(c).ReadString('\n'); err != nil {
 		t.Fatal(err)
 	}
+	// The first connection is closed; the proxy may not have seen it yet.
+	eventually(t, 5*time.Second, "one flow left", func() bool { return p.tcpConns.Load() == 1 })
 	checked := 0
 	onLoops(p, func(_ int, l *loop) {
 		l.flows.each(func(f *tcpFlow) {
