@@ -235,34 +235,49 @@ func echo(t *testing.T, c net.Conn, msg string) {
 
 func TestHalfCloseIsPropagated(t *testing.T) {
 	backends := startBackends(t, 1, 9005)
-	port := freePort(t)
-	p := newProxy(t, Options{})
-	p.apply(t, rule("web", port, backends))
-	c, err := dialFrom(clientIP(3), port)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	r := bufio.NewReader(c)
-	if _, err := r.ReadString('\n'); err != nil {
-		t.Fatal(err)
-	}
-	payload := strings.Repeat("x", 1<<20)
-	if _, err := io.WriteString(c, payload); err != nil {
-		t.Fatal(err)
-	}
-	// Our FIN reaches the backend, which finishes its echo and closes: we
-	// read every byte back, then EOF.
-	if err := c.CloseWrite(); err != nil {
-		t.Fatal(err)
-	}
-	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
-	got, err := io.ReadAll(r)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(got) != len(payload) {
-		t.Fatalf("echoed %d bytes after half-close, want %d", len(got), len(payload))
+	for _, tc := range []struct {
+		name         string
+		offloadAfter int
+	}{{"on the loops", 1 << 40}, {"on copiers", offloadSoon}} {
+		t.Run(tc.name, func(t *testing.T) {
+			port := freePort(t)
+			p := newProxy(t, Options{offloadAfter: tc.offloadAfter})
+			p.apply(t, rule("web", port, backends))
+			c, err := dialFrom(clientIP(3), port)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			r := bufio.NewReader(c)
+			if _, err := r.ReadString('\n'); err != nil {
+				t.Fatal(err)
+			}
+			// Our FIN reaches the backend, which finishes its echo and
+			// closes: we read every byte back, then EOF.
+			payload := strings.Repeat("x", 8<<20)
+			wrote := make(chan error, 1)
+			go func() {
+				if _, err := io.WriteString(c, payload); err != nil {
+					wrote <- err
+					return
+				}
+				wrote <- c.CloseWrite()
+			}()
+			_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+			got, err := io.ReadAll(r)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := <-wrote; err != nil {
+				t.Fatal(err)
+			}
+			if len(got) != len(payload) {
+				t.Fatalf("echoed %d bytes after half-close, want %d", len(got), len(payload))
+			}
+			if n := copierOffloads(p); (tc.offloadAfter == offloadSoon) != (n > 0) {
+				t.Fatalf("%d directions went to copiers", n)
+			}
+		})
 	}
 }
 
