@@ -36,14 +36,18 @@ type proxyOptions struct {
 	zap          zap.Options
 }
 
-// bindLimitFlags declares the dataplane's limits, shared by the manager and
-// `stickylb proxy`.
+// bindLimitFlags declares the dataplane's limits and socket options, shared
+// by the manager and `stickylb proxy`.
 func bindLimitFlags(fs *flag.FlagSet, o *proxy.Options) {
 	fs.DurationVar(&o.DialTimeout, "dial-timeout", 5*time.Second, "timeout of one connection attempt to a backend (up to 3 backends are tried)")
 	fs.IntVar(&o.MaxConnections, "max-connections", 100000, "cap on established TCP connections; past it new ones are reset")
 	fs.IntVar(&o.MaxConnectionsPerClient, "max-connections-per-client", 1000, "cap on TCP connections from one client IP")
 	fs.IntVar(&o.MaxUDPSessions, "max-udp-sessions", 65536, "cap on UDP sessions per frontend; past it datagrams of new clients are dropped")
 	fs.IntVar(&o.MaxUDPSessionsPerClient, "max-udp-sessions-per-client", 256, "cap on UDP sessions (source ports) from one client IP")
+	fs.StringVar(&o.BackendCongestionControl, "backend-congestion-control", "cubic,reno",
+		"TCP congestion control of connections to backends: the first algorithm of this comma-separated list that the kernel lets the process set; \"system\" is the node's default. A list the kernel refuses entirely stops the start")
+	fs.StringVar(&o.FrontendCongestionControl, "frontend-congestion-control", "system",
+		"TCP congestion control of client connections, chosen like --backend-congestion-control")
 }
 
 // proxyFlags declares the flags of `stickylb proxy` into o.

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -257,4 +258,91 @@ func TestProxyHelpDocumentsEveryFlag(t *testing.T) {
 // freePort is free on both proxies' bind addresses.
 func freePort(t *testing.T) uint16 {
 	return testbackend.FreePort(t, netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr("127.0.0.2"))
+}
+
+// TestProxyCongestionControlWithoutPrivilege runs the proxy as an
+// unprivileged user, as the Helm chart does: the default backend list takes
+// cubic where the kernel allows it to anyone and Reno where it does not, and
+// the client side keeps the system's algorithm.
+func TestProxyCongestionControlWithoutPrivilege(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to start a process as another user")
+	}
+	allowed, err := os.ReadFile("/proc/sys/net/ipv4/tcp_allowed_congestion_control")
+	if err != nil {
+		t.Fatal(err)
+	}
+	system, err := os.ReadFile("/proc/sys/net/ipv4/tcp_congestion_control")
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantBackend := "reno"
+	if slices.Contains(strings.Fields(string(allowed)), "cubic") {
+		wantBackend = "cubic"
+	}
+	bin := stickylbBinary(t)
+	if err := os.Chmod(filepath.Dir(bin), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	dir, err := os.MkdirTemp("", "stickylb-cc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	backends := testbackend.StartN(t, 1, testbackend.FreePort(t))
+	port := testbackend.FreePort(t)
+	rules := filepath.Join(dir, "rules.yaml")
+	writeFile(t, rules, rulesYAML(backends, port))
+	metrics := testenv.FreeAddr(t)
+	logs := &testenv.Output{}
+	cmd := exec.Command(bin, "proxy", "--rules", rules, "--metrics-bind-address", metrics)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+	cmd.Stdout, cmd.Stderr = logs, logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+		if t.Failed() {
+			t.Logf("stickylb proxy logged:\n%s", logs.String())
+		}
+	})
+	want := []string{
+		fmt.Sprintf(`stickylb_tcp_congestion_control_info{algorithm=%q,side="backend"} 1`, wantBackend),
+		fmt.Sprintf(`stickylb_tcp_congestion_control_info{algorithm=%q,side="frontend"} 1`, strings.TrimSpace(string(system))),
+	}
+	var body []byte
+	testbackend.Eventually(t, 10*time.Second, "the metrics report both sides' algorithms", func() bool {
+		resp, err := http.Get("http://" + metrics + "/metrics")
+		if err != nil {
+			return false
+		}
+		defer resp.Body.Close()
+		body, _ = io.ReadAll(resp.Body)
+		for _, w := range want {
+			if !strings.Contains(string(body), w) {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+func TestProxyRefusesCongestionControlTheKernelRefuses(t *testing.T) {
+	rules := filepath.Join(t.TempDir(), "rules.yaml")
+	writeFile(t, rules, rulesYAML([]*testbackend.Server{{Addr: netip.MustParseAddrPort("127.0.1.1:9000")}}, testbackend.FreePort(t)))
+	out, err := exec.Command(stickylbBinary(t), "proxy", "--rules", rules, "--metrics-bind-address", "0",
+		"--backend-congestion-control", "no-such-algorithm").CombinedOutput()
+	if err == nil {
+		t.Fatal("started with an algorithm the kernel does not have")
+	}
+	for _, want := range []string{"--backend-congestion-control", "no-such-algorithm: not in net.ipv4.tcp_available_congestion_control"} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("error does not say %q:\n%s", want, out)
+		}
+	}
 }

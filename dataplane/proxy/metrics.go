@@ -35,6 +35,7 @@ type metrics struct {
 	probeStatus  *prometheus.GaugeVec   // rule, backend
 	rebuilds     *prometheus.CounterVec // rule
 	version      prometheus.Gauge
+	congestion   *prometheus.GaugeVec // side, algorithm
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -87,9 +88,13 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Namespace: namespace, Name: "snapshot_version",
 			Help: "Version of the configuration snapshot the dataplane serves.",
 		}),
+		congestion: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: namespace, Name: "tcp_congestion_control_info",
+			Help: "1 for the TCP congestion control algorithm of each side of proxied connections (backend, frontend).",
+		}, []string{"side", "algorithm"}),
 	}
 	for _, c := range []prometheus.Collector{m.bytes, m.packets, m.syn, m.activeFlows, m.udpSessions,
-		m.dialFailures, m.dialRetries, m.refused, m.idleTimeouts, m.probeStatus, m.rebuilds, m.version} {
+		m.dialFailures, m.dialRetries, m.refused, m.idleTimeouts, m.probeStatus, m.rebuilds, m.version, m.congestion} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"net/netip"
 	"reflect"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -48,6 +49,14 @@ type Options struct {
 	// probe goroutine and must not block.
 	OnHealthChange func(rule string)
 	Log            logr.Logger
+	// BackendCongestionControl is the TCP congestion control of connections
+	// to backends: a comma-separated preference list of algorithms, of which
+	// the first the kernel lets this process set is used; "system" is the
+	// system's default. Default "cubic,reno" (see congestion.go).
+	BackendCongestionControl string
+	// FrontendCongestionControl is the same for client connections, set on
+	// the listening sockets. Default "system".
+	FrontendCongestionControl string
 
 	// loops is the number of TCP event loops (default GOMAXPROCS).
 	loops int
@@ -78,6 +87,12 @@ func (o *Options) defaults() {
 	if o.Registerer == nil {
 		o.Registerer = prometheus.NewRegistry()
 	}
+	if strings.TrimSpace(o.BackendCongestionControl) == "" {
+		o.BackendCongestionControl = defaultBackendCongestion
+	}
+	if strings.TrimSpace(o.FrontendCongestionControl) == "" {
+		o.FrontendCongestionControl = defaultFrontendCongestion
+	}
 }
 
 // listener is one listening socket serving one rule.
@@ -92,6 +107,9 @@ type Proxy struct {
 	log     logr.Logger
 	metrics *metrics
 	monitor *health.Monitor
+	// backendCC and frontendCC are the congestion control of connections to
+	// backends and of client connections.
+	backendCC, frontendCC congestion
 
 	mu        sync.Mutex // serialises Apply and Shutdown; never taken on the hot path
 	current   *snapshot.Snapshot
@@ -113,16 +131,29 @@ type Proxy struct {
 // New returns a proxy serving nothing until the first Apply.
 func New(opts Options) (*Proxy, error) {
 	opts.defaults()
+	backendCC, err := pickCongestion("--backend-congestion-control", opts.BackendCongestionControl)
+	if err != nil {
+		return nil, err
+	}
+	frontendCC, err := pickCongestion("--frontend-congestion-control", opts.FrontendCongestionControl)
+	if err != nil {
+		return nil, err
+	}
 	m, err := newMetrics(opts.Registerer)
 	if err != nil {
 		return nil, fmt.Errorf("register metrics: %w", err)
 	}
+	m.congestion.WithLabelValues("backend", backendCC.effective).Set(1)
+	m.congestion.WithLabelValues("frontend", frontendCC.effective).Set(1)
+	opts.Log.Info("TCP congestion control", "backend", backendCC.effective, "frontend", frontendCC.effective)
 	p := &Proxy{
-		opts:      opts,
-		log:       opts.Log,
-		metrics:   m,
-		rules:     map[string]*ruleState{},
-		listeners: map[snapshot.ListenerKey]listener{},
+		backendCC:  backendCC,
+		frontendCC: frontendCC,
+		opts:       opts,
+		log:        opts.Log,
+		metrics:    m,
+		rules:      map[string]*ruleState{},
+		listeners:  map[snapshot.ListenerKey]listener{},
 	}
 	p.clients.init()
 	empty := map[health.Target][]*ruleState{}

@@ -66,7 +66,7 @@ func (p *Proxy) listenTCP(k snapshot.ListenerKey) (listener, error) {
 	if _, err := p.tcpLoops(); err != nil {
 		return nil, err
 	}
-	fd, err := listenSocket(k.Addr)
+	fd, err := listenSocket(k.Addr, p.frontendCC)
 	if err != nil {
 		return nil, err
 	}
@@ -75,7 +75,8 @@ func (p *Proxy) listenTCP(k snapshot.ListenerKey) (listener, error) {
 
 // listenSocket opens a non-blocking listening socket on a. An IPv4 address
 // listens on IPv4 only; "::" listens on both families, as Go's net does.
-func listenSocket(a netip.AddrPort) (int, error) {
+// Accepted sockets inherit the listener's congestion control cc.
+func listenSocket(a netip.AddrPort, cc congestion) (int, error) {
 	family, sa := sockaddr(a)
 	opErr := func(call string, err error) error {
 		return &net.OpError{Op: "listen", Net: "tcp", Addr: net.TCPAddrFromAddrPort(a), Err: os.NewSyscallError(call, err)}
@@ -102,6 +103,7 @@ func listenSocket(a netip.AddrPort) (int, error) {
 		if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1); err != nil {
 			return opErr("setsockopt", err)
 		}
+		cc.apply(fd)
 		if err := unix.Bind(fd, sa); err != nil {
 			return opErr("bind", err)
 		}
@@ -328,7 +330,7 @@ type half struct {
 func (f *tcpFlow) dial(lp *loop) {
 	for f.tried < f.ncand {
 		b := f.cands[f.tried]
-		fd, err := connectSocket(b)
+		fd, err := connectSocket(b, f.p.backendCC)
 		if err == nil {
 			if err = lp.register(fd, flowEvents, f); err == nil {
 				f.b, f.bfd = b, fd
@@ -352,13 +354,14 @@ func (f *tcpFlow) dialFailed(b *backend) {
 	}
 }
 
-// connectSocket starts a non-blocking connection to b; the loop learns of
-// its outcome from epoll.
-func connectSocket(b *backend) (int, error) {
+// connectSocket starts a non-blocking connection to b with congestion
+// control cc; the loop learns of its outcome from epoll.
+func connectSocket(b *backend, cc congestion) (int, error) {
 	fd, err := sysTCPSocket(b.sa.family())
 	if err != nil {
 		return -1, err
 	}
+	cc.apply(fd)
 	if err := b.sa.connect(fd); err != nil && err != unix.EINPROGRESS {
 		sysClose(fd)
 		return -1, err

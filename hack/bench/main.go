@@ -34,6 +34,7 @@ import (
 
 type config struct {
 	stickylb  string        // path of the stickylb binary; "" leaves its column out
+	extraArgs string        // more flags for `stickylb proxy`, space-separated
 	haproxy   string        // path of haproxy; "" leaves its column out
 	window    time.Duration // measured part of each throughput and rate test
 	warmup    time.Duration // unmeasured run-in before each window
@@ -50,6 +51,7 @@ func main() {
 	verdictMode := flag.Bool("verdict", false, "print the issue's targets as PASS/FAIL/SKIP from -json and -microbench, then exit")
 	microbench := flag.String("microbench", "", "with -verdict: a file holding `go test -bench -benchmem ./dataplane/...` output")
 	flag.StringVar(&cfg.stickylb, "stickylb", "bin/stickylb", "stickylb binary to benchmark (\"\" to skip)")
+	flag.StringVar(&cfg.extraArgs, "stickylb-args", "", "more flags for `stickylb proxy`, space-separated (e.g. --backend-congestion-control=system)")
 	flag.StringVar(&cfg.haproxy, "haproxy", "haproxy", "haproxy binary to compare with (\"\" to skip)")
 	flag.DurationVar(&cfg.window, "window", 4*time.Second, "measured duration of each throughput and rate test")
 	flag.DurationVar(&cfg.warmup, "warmup", 500*time.Millisecond, "unmeasured warm-up before each window")
@@ -230,6 +232,13 @@ func printHeader(w *os.File, r *runner, res *results) {
 		res.CPUs, res.GOMAXPROCS, cpuModel(), procFirstLine("/proc/sys/kernel/osrelease"), loadAverage())
 	fmt.Fprintf(w, "driver: %s; backends 127.0.1.1-4 in a child process; each test: %s warm-up + %s window, best of %d round(s)\n",
 		runtime.Version(), r.warmup, r.window, r.rounds)
+	// The algorithm matters: where it is BBR without the fq qdisc, every
+	// sender paces with a timer (README, Performance).
+	fmt.Fprintf(w, "TCP congestion control: %s (system default, used by the driver, the backends and HAProxy)\n",
+		procFirstLine("/proc/sys/net/ipv4/tcp_congestion_control"))
+	if r.extraArgs != "" {
+		fmt.Fprintf(w, "stickylb proxy flags: %s\n", r.extraArgs)
+	}
 	if res.HAProxy != "" {
 		fmt.Fprintf(w, "haproxy: %s\n", res.HAProxy)
 	}

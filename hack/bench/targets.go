@@ -97,7 +97,8 @@ func (r *runner) start(t *target) (*session, error) {
 			if err := os.WriteFile(rules, []byte(r.rulesYAML(port)), 0o644); err != nil {
 				return nil, err
 			}
-			return []string{"proxy", "--rules", rules, "--bind-address", "127.0.0.1", "--metrics-bind-address", "0"}, nil
+			args := []string{"proxy", "--rules", rules, "--bind-address", "127.0.0.1", "--metrics-bind-address", "0"}
+			return append(args, strings.Fields(r.extraArgs)...), nil
 		}, syscall.SIGTERM)
 	case targetHAProxy:
 		return r.startProxy(t, haproxyFirstPort, func(port int) ([]string, error) {
