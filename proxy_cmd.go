@@ -48,6 +48,36 @@ func bindLimitFlags(fs *flag.FlagSet, o *proxy.Options) {
 		"TCP congestion control of connections to backends: the first algorithm of this comma-separated list that the kernel lets the process set; \"system\" is the node's default. A list the kernel refuses entirely stops the start")
 	fs.StringVar(&o.FrontendCongestionControl, "frontend-congestion-control", "system",
 		"TCP congestion control of client connections, chosen like --backend-congestion-control")
+	fs.Var((*nearRTTFlag)(&o.NearClientRTT), "near-client-rtt",
+		"clients whose smallest round-trip time is under this are as near as the backends: once a connection has sent its client 64 KiB, a near client keeps --backend-congestion-control and a far one switches to --frontend-congestion-control; 0 gives every client --frontend-congestion-control (default 1ms)")
+}
+
+// nearRTTFlag is --near-client-rtt: 0 on the command line turns the
+// distinction off, which proxy.Options spells as a negative duration.
+type nearRTTFlag time.Duration
+
+func (f *nearRTTFlag) String() string {
+	if f == nil || *f == 0 {
+		return "1ms"
+	}
+	if *f < 0 {
+		return "0s"
+	}
+	return time.Duration(*f).String()
+}
+
+func (f *nearRTTFlag) Set(s string) error {
+	d, err := time.ParseDuration(s)
+	switch {
+	case err != nil:
+		return err
+	case d < 0:
+		return fmt.Errorf("must not be negative")
+	case d == 0:
+		d = -1
+	}
+	*f = nearRTTFlag(d)
+	return nil
 }
 
 // proxyFlags declares the flags of `stickylb proxy` into o.

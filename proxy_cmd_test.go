@@ -315,6 +315,10 @@ func TestProxyCongestionControlWithoutPrivilege(t *testing.T) {
 		fmt.Sprintf(`stickylb_tcp_congestion_control_info{algorithm=%q,side="backend"} 1`, wantBackend),
 		fmt.Sprintf(`stickylb_tcp_congestion_control_info{algorithm=%q,side="frontend"} 1`, strings.TrimSpace(string(system))),
 	}
+	if wantBackend != strings.TrimSpace(string(system)) {
+		// Clients under --near-client-rtt run the backend side's algorithm.
+		want = append(want, fmt.Sprintf(`stickylb_tcp_congestion_control_info{algorithm=%q,side="frontend_near"} 1`, wantBackend))
+	}
 	var body []byte
 	testbackend.Eventually(t, 10*time.Second, "the metrics report both sides' algorithms", func() bool {
 		resp, err := http.Get("http://" + metrics + "/metrics")
@@ -330,6 +334,35 @@ func TestProxyCongestionControlWithoutPrivilege(t *testing.T) {
 		}
 		return true
 	})
+}
+
+func TestNearClientRTTFlag(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want time.Duration
+		err  string
+	}{
+		{nil, 0, ""}, // the dataplane's default, 1ms
+		{[]string{"--near-client-rtt=5ms"}, 5 * time.Millisecond, ""},
+		{[]string{"--near-client-rtt=0"}, -1, ""}, // off
+		{[]string{"--near-client-rtt=-1ms"}, 0, `invalid value "-1ms" for flag -near-client-rtt: must not be negative`},
+		{[]string{"--near-client-rtt=soon"}, 0, `invalid value "soon" for flag -near-client-rtt`},
+	} {
+		var o proxyOptions
+		fs := proxyFlags(&o)
+		fs.SetOutput(io.Discard)
+		err := fs.Parse(tc.args)
+		switch {
+		case tc.err != "":
+			if err == nil || !strings.Contains(err.Error(), tc.err) {
+				t.Errorf("%v: error %v, want %q", tc.args, err, tc.err)
+			}
+		case err != nil:
+			t.Errorf("%v: %v", tc.args, err)
+		case o.limits.NearClientRTT != tc.want:
+			t.Errorf("%v: NearClientRTT %v, want %v", tc.args, o.limits.NearClientRTT, tc.want)
+		}
+	}
 }
 
 func TestProxyRefusesCongestionControlTheKernelRefuses(t *testing.T) {

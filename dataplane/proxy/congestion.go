@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -23,6 +24,15 @@ import (
 // costs an exit to the hypervisor each time it is armed and each time it
 // fires. Where the system default is BBR this doubles bulk throughput towards
 // backends (README, Performance).
+//
+// Clients inside the cluster are as near as backends, and the same holds for
+// them. So the listening sockets run the backend side's algorithm, and a
+// flow that turns out to carry data to its client (clientSettleBytes) asks
+// the kernel for the client's smallest round-trip time: a client at
+// Options.NearClientRTT or beyond switches to the frontend side's algorithm
+// before the bulk of the data leaves. The switch must go this way round:
+// CUBIC or Reno to BBR works at any time, but a socket that started with BBR
+// keeps pacing after it leaves BBR. Short connections never pay the check.
 
 // The defaults of Options.BackendCongestionControl and
 // FrontendCongestionControl. "system" stands for the system's default.
@@ -30,7 +40,17 @@ const (
 	defaultBackendCongestion  = "cubic,reno"
 	defaultFrontendCongestion = systemCongestion
 	systemCongestion          = "system"
+	defaultNearClientRTT      = time.Millisecond
 )
+
+// clientSettleBytes is what a flow sends to its client before the client's
+// congestion control is settled: past TCP's initial window on any path, and
+// too little for the algorithm to have mattered yet. The loop counts it; a
+// copier takes a direction over only after one pump moved pumpBudget, so
+// the choice is always made on the loop first.
+const clientSettleBytes = 64 << 10
+
+var _ = [pumpBudget - clientSettleBytes]struct{}{} // pumpBudget >= clientSettleBytes
 
 // congestion is the algorithm one side's sockets run.
 type congestion struct {
@@ -83,6 +103,26 @@ func pickCongestion(option, list string) (congestion, error) {
 		}
 	}
 	return congestion{}, fmt.Errorf("%s %q: the kernel takes none of these algorithms (%s)", option, list, strings.Join(refused, "; "))
+}
+
+// clientCongestion is how client sockets get their algorithm.
+type clientCongestion struct {
+	// listen is set on the listening sockets; accepted sockets inherit it.
+	listen congestion
+	// far is set on the sockets of clients found nearRTT or more away; nil
+	// when every client keeps listen's algorithm.
+	far     []byte
+	nearRTT uint32 // microseconds
+}
+
+// newClientCongestion gives near clients the backend side's algorithm and
+// far ones the frontend side's; nearRTT <= 0 gives every client the
+// frontend side's.
+func newClientCongestion(backend, frontend congestion, nearRTT time.Duration) clientCongestion {
+	if nearRTT <= 0 || backend.effective == frontend.effective {
+		return clientCongestion{listen: frontend}
+	}
+	return clientCongestion{listen: backend, far: []byte(frontend.effective), nearRTT: uint32(nearRTT.Microseconds())}
 }
 
 // apply sets the side's algorithm on fd. Failure leaves the system's: the

@@ -2,6 +2,8 @@ package proxy
 
 import (
 	"bufio"
+	"bytes"
+	"io"
 	"strings"
 	"testing"
 	"time"
@@ -42,9 +44,10 @@ func otherCongestionControl(t *testing.T, system string) string {
 	return ""
 }
 
-// proxiedCongestion opens one proxied connection and reports the congestion
-// control of the proxy's client socket and backend socket.
-func proxiedCongestion(t *testing.T, opts Options) (frontend, backend string, p *testProxy) {
+// proxiedCongestion opens one proxied connection, has the echoing backend
+// send echo bytes back through it, and reports the congestion control of the
+// proxy's client socket and backend socket.
+func proxiedCongestion(t *testing.T, opts Options, echo int) (frontend, backend string, p *testProxy) {
 	t.Helper()
 	backends := startBackends(t, 1, 9026)
 	port := freePort(t)
@@ -55,8 +58,15 @@ func proxiedCongestion(t *testing.T, opts Options) (frontend, backend string, p 
 		t.Fatal(err)
 	}
 	defer c.Close()
-	if _, err := bufio.NewReader(c).ReadString('\n'); err != nil {
+	r := bufio.NewReader(c)
+	if _, err := r.ReadString('\n'); err != nil {
 		t.Fatal(err)
+	}
+	sent := bytes.Repeat([]byte("0123456789abcdef"), echo/16)
+	go c.Write(sent)
+	got := make([]byte, len(sent))
+	if _, err := io.ReadFull(r, got); err != nil || !bytes.Equal(got, sent) {
+		t.Fatalf("echo of %d bytes: %v", len(sent), err)
 	}
 	eventually(t, 5*time.Second, "one flow", func() bool { return p.tcpConns.Load() == 1 })
 	flows := 0
@@ -88,7 +98,7 @@ func TestCongestionControlOfEachSide(t *testing.T) {
 		fe, be, p := proxiedCongestion(t, Options{
 			FrontendCongestionControl: other,
 			BackendCongestionControl:  "no-such-algorithm, " + other,
-		})
+		}, 0)
 		if fe != other || be != other {
 			t.Errorf("frontend %s, backend %s; want %s on both", fe, be, other)
 		}
@@ -102,23 +112,71 @@ func TestCongestionControlOfEachSide(t *testing.T) {
 		fe, be, _ := proxiedCongestion(t, Options{
 			FrontendCongestionControl: "system",
 			BackendCongestionControl:  "system," + other,
-		})
+		}, 0)
 		if fe != system || be != system {
 			t.Errorf("frontend %s, backend %s; want the system's %s on both", fe, be, system)
 		}
 	})
 	t.Run("defaults", func(t *testing.T) {
-		fe, be, p := proxiedCongestion(t, Options{})
-		if fe != system {
-			t.Errorf("frontend %s, want the system's %s", fe, system)
-		}
+		fe, be, p := proxiedCongestion(t, Options{}, 0)
 		if be != "cubic" && be != "reno" {
 			t.Errorf("backend %s, want cubic or, where the kernel refuses it, reno", be)
 		}
 		if v := p.counter(p.metrics.congestion.WithLabelValues("backend", be)); v != 1 {
 			t.Errorf("the metric does not report the backend side's %s", be)
 		}
+		if v := p.counter(p.metrics.congestion.WithLabelValues("frontend", system)); v != 1 {
+			t.Errorf("the metric does not report the frontend side's %s", system)
+		}
+		// Until the flow carries bulk data to it, a client runs the
+		// listener's algorithm: the backend side's, when the two differ.
+		if fe != be {
+			t.Errorf("frontend %s before any bulk data, want the backend side's %s", fe, be)
+		}
 	})
+}
+
+// TestNearAndFarClients checks the choice a flow makes once it has sent its
+// client clientSettleBytes: a client under NearClientRTT keeps the backend
+// side's algorithm, one at or beyond it switches to the frontend side's, and
+// a flow that sends less never asks.
+func TestNearAndFarClients(t *testing.T) {
+	system := systemCongestionControl(t)
+	other := otherCongestionControl(t, system)
+	for _, tc := range []struct {
+		name    string
+		nearRTT time.Duration
+		echo    int
+		want    string
+		near    float64
+		far     float64
+	}{
+		// Loopback's round trip is tens of microseconds: under a second,
+		// and never under one nanosecond (0 whole microseconds).
+		{"near", time.Second, 4 * clientSettleBytes, other, 1, 0},
+		{"far", time.Nanosecond, 4 * clientSettleBytes, system, 0, 1},
+		{"short", time.Nanosecond, clientSettleBytes / 2, other, 0, 0},
+		{"off", -1, 4 * clientSettleBytes, system, 0, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			fe, be, p := proxiedCongestion(t, Options{
+				BackendCongestionControl:  other,
+				FrontendCongestionControl: "system",
+				NearClientRTT:             tc.nearRTT,
+			}, tc.echo)
+			if fe != tc.want || be != other {
+				t.Errorf("frontend %s, backend %s; want %s, %s", fe, be, tc.want, other)
+			}
+			near, far := p.counter(p.metrics.bulkClients[clientNear]), p.counter(p.metrics.bulkClients[clientFar])
+			if near != tc.near || far != tc.far {
+				t.Errorf("%s_tcp_bulk_clients_total: near %v, far %v; want %v, %v", namespace, near, far, tc.near, tc.far)
+			}
+			nearInfo := p.counter(p.metrics.congestion.WithLabelValues("frontend_near", other))
+			if wantInfo := map[bool]float64{true: 0, false: 1}[tc.nearRTT < 0]; nearInfo != wantInfo {
+				t.Errorf(`%s_tcp_congestion_control_info{side="frontend_near",algorithm=%q} = %v, want %v`, namespace, other, nearInfo, wantInfo)
+			}
+		})
+	}
 }
 
 func TestCongestionControlRefusesWhatTheKernelRefuses(t *testing.T) {

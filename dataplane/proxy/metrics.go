@@ -20,6 +20,12 @@ const (
 	refusedDraining     = "shutting_down"
 )
 
+// Client distances, the "distance" label of tcp_bulk_clients_total.
+const (
+	clientNear = iota
+	clientFar
+)
+
 var refusedReasons = []string{refusedGlobalLimit, refusedClientLimit, refusedNoBackend, refusedDialFailed, refusedSessionLimit, refusedDraining}
 
 type metrics struct {
@@ -35,7 +41,8 @@ type metrics struct {
 	probeStatus  *prometheus.GaugeVec   // rule, backend
 	rebuilds     *prometheus.CounterVec // rule
 	version      prometheus.Gauge
-	congestion   *prometheus.GaugeVec // side, algorithm
+	congestion   *prometheus.GaugeVec  // side, algorithm
+	bulkClients  [2]prometheus.Counter // by distance
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -90,11 +97,16 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}),
 		congestion: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Namespace: namespace, Name: "tcp_congestion_control_info",
-			Help: "1 for the TCP congestion control algorithm of each side of proxied connections (backend, frontend).",
+			Help: "1 for the TCP congestion control algorithm of each side of proxied connections: backend, frontend, and frontend_near for clients under --near-client-rtt.",
 		}, []string{"side", "algorithm"}),
 	}
+	bulkClients := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace, Name: "tcp_bulk_clients_total",
+		Help: "TCP connections that sent their client more than 64 KiB, by the client's smallest round-trip time: near (under --near-client-rtt; kept the backend side's congestion control) or far (switched to the frontend side's). Counted only when the two sides' algorithms differ.",
+	}, []string{"distance"})
+	m.bulkClients = [2]prometheus.Counter{bulkClients.WithLabelValues("near"), bulkClients.WithLabelValues("far")}
 	for _, c := range []prometheus.Collector{m.bytes, m.packets, m.syn, m.activeFlows, m.udpSessions,
-		m.dialFailures, m.dialRetries, m.refused, m.idleTimeouts, m.probeStatus, m.rebuilds, m.version, m.congestion} {
+		m.dialFailures, m.dialRetries, m.refused, m.idleTimeouts, m.probeStatus, m.rebuilds, m.version, m.congestion, bulkClients} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

@@ -54,9 +54,13 @@ type Options struct {
 	// the first the kernel lets this process set is used; "system" is the
 	// system's default. Default "cubic,reno" (see congestion.go).
 	BackendCongestionControl string
-	// FrontendCongestionControl is the same for client connections, set on
-	// the listening sockets. Default "system".
+	// FrontendCongestionControl is the same for client connections.
+	// Default "system".
 	FrontendCongestionControl string
+	// NearClientRTT: clients whose smallest round-trip time is under it
+	// are as near as the backends and run BackendCongestionControl instead
+	// (see congestion.go). 0 takes the default, 1ms; negative turns it off.
+	NearClientRTT time.Duration
 
 	// loops is the number of TCP event loops (default GOMAXPROCS).
 	loops int
@@ -93,6 +97,9 @@ func (o *Options) defaults() {
 	if strings.TrimSpace(o.FrontendCongestionControl) == "" {
 		o.FrontendCongestionControl = defaultFrontendCongestion
 	}
+	if o.NearClientRTT == 0 {
+		o.NearClientRTT = defaultNearClientRTT
+	}
 }
 
 // listener is one listening socket serving one rule.
@@ -107,9 +114,10 @@ type Proxy struct {
 	log     logr.Logger
 	metrics *metrics
 	monitor *health.Monitor
-	// backendCC and frontendCC are the congestion control of connections to
+	// backendCC and clientCC are the congestion control of connections to
 	// backends and of client connections.
-	backendCC, frontendCC congestion
+	backendCC congestion
+	clientCC  clientCongestion
 
 	mu        sync.Mutex // serialises Apply and Shutdown; never taken on the hot path
 	current   *snapshot.Snapshot
@@ -143,17 +151,23 @@ func New(opts Options) (*Proxy, error) {
 	if err != nil {
 		return nil, fmt.Errorf("register metrics: %w", err)
 	}
+	clientCC := newClientCongestion(backendCC, frontendCC, opts.NearClientRTT)
 	m.congestion.WithLabelValues("backend", backendCC.effective).Set(1)
 	m.congestion.WithLabelValues("frontend", frontendCC.effective).Set(1)
-	opts.Log.Info("TCP congestion control", "backend", backendCC.effective, "frontend", frontendCC.effective)
+	near := "none"
+	if clientCC.far != nil {
+		near = fmt.Sprintf("under %v: %s", opts.NearClientRTT, clientCC.listen.effective)
+		m.congestion.WithLabelValues("frontend_near", clientCC.listen.effective).Set(1)
+	}
+	opts.Log.Info("TCP congestion control", "backend", backendCC.effective, "frontend", frontendCC.effective, "nearClients", near)
 	p := &Proxy{
-		backendCC:  backendCC,
-		frontendCC: frontendCC,
-		opts:       opts,
-		log:        opts.Log,
-		metrics:    m,
-		rules:      map[string]*ruleState{},
-		listeners:  map[snapshot.ListenerKey]listener{},
+		backendCC: backendCC,
+		clientCC:  clientCC,
+		opts:      opts,
+		log:       opts.Log,
+		metrics:   m,
+		rules:     map[string]*ruleState{},
+		listeners: map[snapshot.ListenerKey]listener{},
 	}
 	p.clients.init()
 	empty := map[health.Target][]*ruleState{}

@@ -88,16 +88,31 @@ func sysTCPSocket(family int) (int, error) {
 	return int(fd), nil
 }
 
+// sysTCPInfo reads a TCP socket's TCP_INFO.
+func sysTCPInfo(fd int, info *unix.TCPInfo) bool {
+	size := uint32(unsafe.Sizeof(*info))
+	_, _, e := unix.RawSyscall6(unix.SYS_GETSOCKOPT, uintptr(fd), unix.IPPROTO_TCP, unix.TCP_INFO,
+		uintptr(unsafe.Pointer(info)), uintptr(unsafe.Pointer(&size)), 0)
+	return e == 0
+}
+
 // sysTCPSegments reads the segments a TCP socket received and sent.
 func sysTCPSegments(fd int) (in, out uint32, ok bool) {
 	var info unix.TCPInfo
-	size := uint32(unsafe.Sizeof(info))
-	_, _, e := unix.RawSyscall6(unix.SYS_GETSOCKOPT, uintptr(fd), unix.IPPROTO_TCP, unix.TCP_INFO,
-		uintptr(unsafe.Pointer(&info)), uintptr(unsafe.Pointer(&size)), 0)
-	if e != 0 {
+	if !sysTCPInfo(fd, &info) {
 		return 0, 0, false
 	}
 	return info.Segs_in, info.Segs_out, true
+}
+
+// sysTCPMinRTT reads the smallest round-trip time a TCP socket has seen, in
+// microseconds; false if it has none yet.
+func sysTCPMinRTT(fd int) (uint32, bool) {
+	var info unix.TCPInfo
+	if !sysTCPInfo(fd, &info) || info.Min_rtt == ^uint32(0) {
+		return 0, false
+	}
+	return info.Min_rtt, true
 }
 
 // accept takes a pending connection as a non-blocking socket. x/sys's

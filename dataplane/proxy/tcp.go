@@ -66,7 +66,7 @@ func (p *Proxy) listenTCP(k snapshot.ListenerKey) (listener, error) {
 	if _, err := p.tcpLoops(); err != nil {
 		return nil, err
 	}
-	fd, err := listenSocket(k.Addr, p.frontendCC)
+	fd, err := listenSocket(k.Addr, p.clientCC.listen)
 	if err != nil {
 		return nil, err
 	}
@@ -267,7 +267,7 @@ func (p *Proxy) acceptTCP(lp *loop, ln *tcpListener, cfd int, client netip.AddrP
 		return
 	}
 	acquired = true
-	f := &tcpFlow{p: p, rs: rs, clientIP: ip, cfd: cfd, bfd: -1}
+	f := &tcpFlow{p: p, rs: rs, clientIP: ip, cfd: cfd, bfd: -1, ccPending: p.clientCC.far != nil}
 	f.timer = timer{index: -1, owner: f}
 	f.ncand = uint8(len(rs.pool.Load().pick(f.cands[:0], flowHash(rs.rule, client, ln.local, snapshot.TCP), maxDialAttempts)))
 	if f.ncand == 0 {
@@ -305,6 +305,11 @@ type tcpFlow struct {
 	timer        timer // dial timeout, then idle timeout
 	next, prev   *tcpFlow
 	closed       bool
+	// ccPending: the client may be far, and its socket may yet switch to
+	// the frontend side's congestion control; toClient counts the bytes
+	// sent to it until that is settled.
+	ccPending bool
+	toClient  int32
 }
 
 // half is one direction of a flow.
@@ -517,6 +522,11 @@ func (f *tcpFlow) pump(lp *loop, h *half) bool {
 		moved += n
 		f.lastActive = lp.now
 		h.bytes.Add(float64(n))
+		if f.ccPending && h == &f.down {
+			if f.toClient += int32(n); f.toClient >= clientSettleBytes {
+				f.settleCongestion()
+			}
+		}
 		if h.bulk {
 			h.inPipe = n
 		} else {
@@ -673,6 +683,19 @@ func (f *tcpFlow) close(lp *loop) bool {
 	f.p.tcpConns.Add(-1)
 	lp.load.Add(-1)
 	return false
+}
+
+// settleCongestion keeps a near client on the listener's congestion control
+// and switches a far one to the frontend side's, once the flow has shown it
+// carries data to the client.
+func (f *tcpFlow) settleCongestion() {
+	f.ccPending = false
+	if rtt, ok := sysTCPMinRTT(f.cfd); ok && rtt < f.p.clientCC.nearRTT {
+		f.p.metrics.bulkClients[clientNear].Inc()
+		return
+	}
+	_ = setCongestion(f.cfd, f.p.clientCC.far)
+	f.p.metrics.bulkClients[clientFar].Inc()
 }
 
 // countPackets adds the flow's packets at the frontend, as the kernel counted
