@@ -18,7 +18,6 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
-	"sigs.k8s.io/controller-runtime/pkg/handler"
 	"sigs.k8s.io/controller-runtime/pkg/metrics"
 
 	"k8s.io/apimachinery/pkg/runtime"
@@ -141,9 +140,12 @@ func runManager(args []string) int {
 	cacheOpts := cache.Options{DefaultTransform: cache.TransformStripManagedFields()}
 	if !local {
 		// Only our own pods: the dataplane replicas.
-		cacheOpts.ByObject = map[client.Object]cache.ByObject{&corev1.Pod{}: {
-			Namespaces: map[string]cache.Config{o.podNamespace: {}}, Label: selector,
-		}}
+		cacheOpts.ByObject = map[client.Object]cache.ByObject{
+			&corev1.Pod{}: {Namespaces: map[string]cache.Config{o.podNamespace: {}}, Label: selector},
+			// Nodes are read as metadata only, for their zone label; the
+			// cache keeps nothing else of them.
+			controllers.NodeMetadata(): {Transform: controllers.TrimNode},
+		}
 	}
 	metricsOpts := metricsserver.Options{BindAddress: o.metricsAddr}
 	if o.metricsSecure {
@@ -198,19 +200,19 @@ func runManager(args []string) int {
 		return 1
 	}
 	if o.runController {
-		addrs := controllers.ReadyPodAddresses(mgr.GetClient(), o.podNamespace, selector)
+		endpoints := controllers.ReadyPodEndpoints(mgr.GetClient(), o.podNamespace, selector)
 		if local {
-			addrs = func(context.Context) ([]netip.Addr, error) { return []netip.Addr{bind}, nil }
+			endpoints = func(context.Context) ([]controllers.DataplaneEndpoint, error) {
+				return []controllers.DataplaneEndpoint{{Address: bind}}, nil
+			}
 		}
 		rr := &controllers.RuleReconciler{
 			Client: mgr.GetClient(), Recorder: mgr.GetEventRecorderFor("stickylb"), Dataplane: dp,
-			Healthy: p.Healthy, DataplaneAddresses: addrs, Local: local,
+			Healthy: p.Healthy, DataplaneEndpoints: endpoints, Local: local,
 		}
 		var extra []func(*ctrl.Builder) *ctrl.Builder
 		if !local {
-			extra = append(extra, func(b *ctrl.Builder) *ctrl.Builder {
-				return b.Watches(&corev1.Pod{}, handler.EnqueueRequestsFromMapFunc(rr.AllRules))
-			})
+			extra = append(extra, rr.WatchDataplanePods)
 		}
 		if err := rr.SetupWithManager(mgr, extra...); err != nil {
 			log.Error(err, "set up the controller role")

@@ -45,9 +45,9 @@ func frontendOf(r *lbv1alpha1.LoadBalancerRule) string {
 }
 
 // desiredFrontend computes a frontend's Service and EndpointSlice from the
-// accepted rules on it (oldest first) and the dataplane's addresses. A
+// accepted rules on it (oldest first) and the ready dataplane replicas. A
 // frontend with no accepted rule has neither.
-func desiredFrontend(namespace, frontend string, rules []*lbv1alpha1.LoadBalancerRule, dataplane []netip.Addr) (*corev1.Service, *discoveryv1.EndpointSlice) {
+func desiredFrontend(namespace, frontend string, rules []*lbv1alpha1.LoadBalancerRule, dataplane []DataplaneEndpoint) (*corev1.Service, *discoveryv1.EndpointSlice) {
 	if len(rules) == 0 {
 		return nil, nil
 	}
@@ -92,17 +92,33 @@ func desiredFrontend(namespace, frontend string, rules []*lbv1alpha1.LoadBalance
 		Ports:       slicePorts,
 		Endpoints:   []discoveryv1.Endpoint{},
 	}
-	for _, a := range dataplane {
+	// The pod cache lists in no fixed order; a fixed one writes no spurious updates.
+	dataplane = slices.Clone(dataplane)
+	slices.SortFunc(dataplane, func(a, b DataplaneEndpoint) int { return a.Address.Compare(b.Address) })
+	for _, d := range dataplane {
+		a := d.Address
 		if a.Is6() && !a.Is4In6() {
 			eps.AddressType = discoveryv1.AddressTypeIPv6
 		}
 		if !a.IsGlobalUnicast() {
 			continue // loopback (a local run) is no endpoint other pods can reach
 		}
-		eps.Endpoints = append(eps.Endpoints, discoveryv1.Endpoint{
+		ep := discoveryv1.Endpoint{
 			Addresses:  []string{a.Unmap().String()},
 			Conditions: discoveryv1.EndpointConditions{Ready: ptr.To(true), Serving: ptr.To(true), Terminating: ptr.To(false)},
-		})
+		}
+		// kube-proxy counts an endpoint as local (externalTrafficPolicy:
+		// Local, the health-check node port) only when nodeName is its node.
+		if d.NodeName != "" {
+			ep.NodeName = ptr.To(d.NodeName)
+		}
+		if d.Zone != "" {
+			ep.Zone = ptr.To(d.Zone)
+		}
+		if d.Pod != nil {
+			ep.TargetRef = d.Pod.DeepCopy()
+		}
+		eps.Endpoints = append(eps.Endpoints, ep)
 	}
 	return svc, eps
 }

@@ -4,7 +4,6 @@ import (
 	"cmp"
 	"context"
 	"fmt"
-	"net/netip"
 	"slices"
 
 	corev1 "k8s.io/api/core/v1"
@@ -16,8 +15,11 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/tools/record"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/event"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
+	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 	"sigs.k8s.io/controller-runtime/pkg/source"
 
@@ -36,9 +38,9 @@ type RuleReconciler struct {
 	Dataplane *Dataplane
 	// Healthy reports a served rule's healthy backend count.
 	Healthy func(rule string) (int, bool)
-	// DataplaneAddresses lists the addresses of the ready dataplane replicas,
-	// the endpoints of every frontend.
-	DataplaneAddresses func(ctx context.Context) ([]netip.Addr, error)
+	// DataplaneEndpoints lists the ready dataplane replicas, the endpoints
+	// of every frontend (ReadyPodEndpoints in a cluster).
+	DataplaneEndpoints func(ctx context.Context) ([]DataplaneEndpoint, error)
 	// Local is set when the manager runs outside a cluster: the dataplane's
 	// bind address is then the frontend address reported.
 	Local bool
@@ -221,11 +223,11 @@ func (r *RuleReconciler) syncFrontend(ctx context.Context, namespace, frontend s
 		}
 		return cmp.Compare(a.Name, b.Name)
 	})
-	addrs, err := r.DataplaneAddresses(ctx)
+	endpoints, err := r.DataplaneEndpoints(ctx)
 	if err != nil {
 		return nil, err
 	}
-	svc, slice := desiredFrontend(namespace, frontend, on, addrs)
+	svc, slice := desiredFrontend(namespace, frontend, on, endpoints)
 	return applyFrontend(ctx, r.Client, namespace, frontend, svc, slice)
 }
 
@@ -246,8 +248,27 @@ func (r *RuleReconciler) syncFrontends(ctx context.Context, namespace, skip stri
 	return nil
 }
 
-// AllRules maps any event (a dataplane pod changing) to every rule.
-func (r *RuleReconciler) AllRules(ctx context.Context, _ client.Object) []reconcile.Request {
+// WatchDataplanePods adds, in a cluster, the watches the frontends'
+// endpoints depend on: the dataplane pods (readiness, deletion, IP, node)
+// and the zone label of Nodes (metadata only).
+func (r *RuleReconciler) WatchDataplanePods(b *ctrl.Builder) *ctrl.Builder {
+	return b.Watches(&corev1.Pod{}, handler.EnqueueRequestsFromMapFunc(r.allRules)).
+		WatchesMetadata(&corev1.Node{}, handler.EnqueueRequestsFromMapFunc(r.allRules), builder.WithPredicates(zoneChanged))
+}
+
+// zoneChanged passes Node updates that change the zone label. A node's
+// arrival or departure reaches the frontends through its pods' events.
+var zoneChanged = predicate.Funcs{
+	CreateFunc:  func(event.CreateEvent) bool { return false },
+	DeleteFunc:  func(event.DeleteEvent) bool { return false },
+	GenericFunc: func(event.GenericEvent) bool { return false },
+	UpdateFunc: func(e event.UpdateEvent) bool {
+		return e.ObjectOld.GetLabels()[corev1.LabelTopologyZone] != e.ObjectNew.GetLabels()[corev1.LabelTopologyZone]
+	},
+}
+
+// allRules maps any event (a dataplane pod changing) to every rule.
+func (r *RuleReconciler) allRules(ctx context.Context, _ client.Object) []reconcile.Request {
 	var rules lbv1alpha1.LoadBalancerRuleList
 	if err := r.Client.List(ctx, &rules); err != nil {
 		return nil

@@ -261,7 +261,9 @@ func TestReconcileWithNothingChangedWritesNothing(t *testing.T) {
 
 	counting := &countingClient{Client: k8s}
 	rr := &RuleReconciler{Client: counting, Dataplane: dataplane, Healthy: dpProxy.Healthy, Local: true,
-		DataplaneAddresses: func(context.Context) ([]netip.Addr, error) { return localAddrs, nil }}
+		DataplaneEndpoints: func(context.Context) ([]DataplaneEndpoint, error) {
+			return []DataplaneEndpoint{{Address: localAddrs[0]}}, nil
+		}}
 	req := reconcile.Request{NamespacedName: types.NamespacedName{Namespace: ns, Name: "web"}}
 	for range 3 {
 		if _, err := rr.Reconcile(ctx, req); err != nil {

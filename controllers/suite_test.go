@@ -40,6 +40,7 @@ var (
 	k8s        client.Client
 	dataplane  *Dataplane
 	dpProxy    *proxy.Proxy
+	restConfig *rest.Config
 	testScheme = runtime.NewScheme()
 )
 
@@ -60,6 +61,7 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, "start envtest:", err)
 		os.Exit(1)
 	}
+	restConfig = cfg
 	code := run(m, cfg)
 	_ = env.Stop()
 	os.Exit(code)
@@ -82,7 +84,7 @@ func run(m *testing.M, cfg *rest.Config) int {
 	dataplane = dp
 	rr := &RuleReconciler{
 		Client: mgr.GetClient(), Recorder: mgr.GetEventRecorderFor("stickylb"), Dataplane: dp, Healthy: dpProxy.Healthy,
-		DataplaneAddresses: func(context.Context) ([]netip.Addr, error) { return []netip.Addr{bind}, nil }, Local: true,
+		DataplaneEndpoints: func(context.Context) ([]DataplaneEndpoint, error) { return []DataplaneEndpoint{{Address: bind}}, nil }, Local: true,
 	}
 	if err := dp.SetupWithManager(mgr); err != nil {
 		fmt.Fprintln(os.Stderr, err)
