@@ -12,7 +12,11 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"os/signal"
+	"syscall"
 	"time"
+
+	"github.com/go-logr/logr"
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/labels"
@@ -65,6 +69,8 @@ type managerOptions struct {
 	podNamespace     string
 	podSelector      string
 	drainTimeout     time.Duration
+	shutdownTimeout  time.Duration
+	shutdownDelay    time.Duration
 	limits           proxy.Options
 	zap              zap.Options
 }
@@ -91,7 +97,12 @@ func parseManagerFlags(args []string) (*managerOptions, *flag.FlagSet, error) {
 		"namespace of the stickylb pods (default: $POD_NAMESPACE); empty means running outside a cluster")
 	fs.StringVar(&o.podSelector, "dataplane-pod-selector", "app.kubernetes.io/name=stickylb",
 		"label selector of the dataplane pods whose IPs are each frontend's endpoints")
-	fs.DurationVar(&o.drainTimeout, "drain-timeout", 30*time.Second, "on SIGTERM, how long established TCP connections may take to finish")
+	fs.DurationVar(&o.drainTimeout, "drain-timeout", 30*time.Second,
+		"on SIGTERM, once the listeners are closed, how long established TCP connections may take to finish")
+	fs.DurationVar(&o.shutdownTimeout, "shutdown-timeout", 20*time.Second,
+		"on SIGTERM, how long to wait (still serving, no longer ready) until no frontend EndpointSlice lists this replica; skipped outside a cluster")
+	fs.DurationVar(&o.shutdownDelay, "shutdown-delay", defaultShutdownDelay,
+		"on SIGTERM, how long to go on serving once no frontend lists this replica, so kube-proxy on every node has caught up (default 0 outside a cluster)")
 	bindLimitFlags(fs, &o.limits)
 	// --kubeconfig is registered on the global flag set by controller-runtime.
 	if f := flag.CommandLine.Lookup("kubeconfig"); f != nil {
@@ -102,8 +113,20 @@ func parseManagerFlags(args []string) (*managerOptions, *flag.FlagSet, error) {
 		fmt.Fprintf(fs.Output(), "Usage: stickylb [flags]\n       stickylb proxy --rules FILE [flags]\n\nFlags:\n")
 		fs.PrintDefaults()
 	}
-	return o, fs, fs.Parse(args)
+	if err := fs.Parse(args); err != nil {
+		return o, fs, err
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	if o.podNamespace == "" && !set["shutdown-delay"] {
+		// No kube-proxy to wait for outside a cluster.
+		o.shutdownDelay = 0
+	}
+	return o, fs, nil
 }
+
+// defaultShutdownDelay is --shutdown-delay in a cluster.
+const defaultShutdownDelay = 5 * time.Second
 
 func runManager(args []string) int {
 	o, _, err := parseManagerFlags(args)
@@ -175,10 +198,6 @@ func runManager(args []string) int {
 		log.Error(err, "add health check")
 		return 1
 	}
-	if err := mgr.AddReadyzCheck("readyz", healthz.Ping); err != nil {
-		log.Error(err, "add ready check")
-		return 1
-	}
 	o.limits.Registerer = metrics.Registry
 	o.limits.Log = ctrl.Log.WithName("dataplane")
 	var dp *controllers.Dataplane
@@ -193,6 +212,13 @@ func runManager(args []string) int {
 		return 1
 	}
 	dp = controllers.NewDataplane(mgr.GetClient(), p, bind, ctrl.Log.WithName("dataplane"))
+	// Ready means serving: the dataplane applied a snapshot built from synced
+	// caches, and the replica is not shutting down.
+	readiness := controllers.NewReadiness(dp)
+	if err := mgr.AddReadyzCheck("readyz", readiness.Check); err != nil {
+		log.Error(err, "add ready check")
+		return 1
+	}
 	// The dataplane role always runs: the controller role reports what this
 	// replica's dataplane serves (Programmed, healthy counts).
 	if err := dp.SetupWithManager(mgr); err != nil {
@@ -221,17 +247,108 @@ func runManager(args []string) int {
 	}
 
 	log.Info("starting manager", "leaderElect", o.leaderElect, "controller", o.runController, "bind", bind.String(), "local", local)
-	err = mgr.Start(ctrl.SetupSignalHandler())
+	// The signals are ours, not ctrl.SetupSignalHandler's: the manager (and
+	// with it the controller role and the leader Lease) must keep running
+	// while this replica leaves the frontends.
+	signals := make(chan os.Signal, 2)
+	signal.Notify(signals, syscall.SIGTERM, syscall.SIGINT)
+	mgrCtx, stopManager := context.WithCancel(context.Background())
+	defer stopManager()
+	stopped := make(chan struct{})
+	var mgrErr error
+	go func() {
+		mgrErr = mgr.Start(mgrCtx)
+		close(stopped)
+	}()
+	select {
+	case <-stopped:
+		// The manager ended on its own (an error, lost leadership): drain at once.
+	case sig := <-signals:
+		go func() {
+			sig := <-signals
+			ctrl.Log.WithName("shutdown").Info("second signal: exiting at once", "signal", sig.String())
+			os.Exit(1)
+		}()
+		leaveFrontends(ctrl.Log.WithName("shutdown"), sig, o, mgr.GetClient(), readiness, bind, local, stopped)
+		stopManager()
+	}
+	stopStart := time.Now()
+	<-stopped
+	managerStop := time.Since(stopStart)
+	drainStart := time.Now()
 	dctx, cancel := context.WithTimeout(context.Background(), o.drainTimeout)
 	defer cancel()
-	if derr := p.Shutdown(dctx); derr != nil {
-		log.Info("drain timeout passed; remaining connections closed")
-	}
-	if err != nil {
-		log.Error(err, "manager stopped")
+	drainErr := p.Shutdown(dctx)
+	ctrl.Log.WithName("shutdown").Info("step 4/4: manager stopped (a leader releases its Lease), listeners closed, connections drained",
+		"took", time.Since(stopStart).Round(time.Millisecond).String(), "managerStop", managerStop.Round(time.Millisecond).String(),
+		"drain", time.Since(drainStart).Round(time.Millisecond).String(), "drainTimedOut", drainErr != nil)
+	if mgrErr != nil {
+		log.Error(mgrErr, "manager stopped")
 		return 1
 	}
 	return 0
+}
+
+// leaveFrontends runs the first three steps of a graceful shutdown, while
+// the manager and the proxy go on: readiness fails; the replica waits until
+// no frontend EndpointSlice lists it (the leader, maybe this replica, takes
+// it out: its pod is deleted or not Ready), at most --shutdown-timeout; then
+// it waits --shutdown-delay for kube-proxy on every node. It returns early
+// if the manager stops.
+func leaveFrontends(log logr.Logger, sig os.Signal, o *managerOptions, c client.Reader, readiness *controllers.Readiness,
+	bind netip.Addr, local bool, stopped <-chan struct{}) {
+	start := time.Now()
+	readiness.Stop()
+	log.Info("step 1/4: readiness fails; still accepting connections", "signal", sig.String(), "took", time.Since(start).String())
+
+	start = time.Now()
+	switch {
+	case local:
+		log.Info("step 2/4: skipped outside a cluster (no frontend EndpointSlice lists this replica)")
+	case !bind.IsGlobalUnicast():
+		log.Info("step 2/4: skipped: the dataplane address cannot be a frontend endpoint", "address", bind.String())
+	default:
+		ctx, cancel := context.WithTimeout(context.Background(), o.shutdownTimeout)
+		go func() {
+			select {
+			case <-stopped:
+				cancel()
+			case <-ctx.Done():
+			}
+		}()
+		listedIn, err := controllers.WaitUntilUnlisted(ctx, c, bind)
+		cancel()
+		took := time.Since(start).Round(time.Millisecond).String()
+		switch {
+		case err == nil:
+			log.Info("step 2/4: no frontend EndpointSlice lists this replica", "address", bind.String(), "took", took)
+		case isClosed(stopped):
+			log.Info("step 2/4: the manager stopped while waiting", "took", took)
+			return
+		default:
+			log.Info("step 2/4: --shutdown-timeout passed; frontends still list this replica, going on",
+				"address", bind.String(), "listedIn", listedIn, "took", took)
+		}
+	}
+
+	start = time.Now()
+	t := time.NewTimer(o.shutdownDelay)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		log.Info("step 3/4: --shutdown-delay passed (time for kube-proxy on every node to catch up)", "took", time.Since(start).Round(time.Millisecond).String())
+	case <-stopped:
+		log.Info("step 3/4: the manager stopped during --shutdown-delay", "took", time.Since(start).Round(time.Millisecond).String())
+	}
+}
+
+func isClosed(c <-chan struct{}) bool {
+	select {
+	case <-c:
+		return true
+	default:
+		return false
+	}
 }
 
 func envOr(key, def string) string {

@@ -14,6 +14,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/util/workqueue"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -23,6 +24,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/manager"
 	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+	"sigs.k8s.io/controller-runtime/pkg/source"
 
 	lbv1alpha1 "github.com/stickylb/stickylb/api/v1alpha1"
 	"github.com/stickylb/stickylb/dataplane/proxy"
@@ -67,6 +69,8 @@ type Dataplane struct {
 	mu       sync.Mutex // serialises reconciles
 	version  uint64
 	lastSnap *snapshot.Snapshot
+	// serving is set once a snapshot built from synced caches is applied.
+	serving atomic.Bool
 }
 
 // NewDataplane returns the dataplane role for p.
@@ -76,6 +80,11 @@ func NewDataplane(c client.Client, p *proxy.Proxy, bind netip.Addr, log logr.Log
 	d.state.Store(&DataplaneState{})
 	return d
 }
+
+// Serving reports whether the proxy serves a snapshot built from synced
+// caches: from the first successful reconcile on (the controller starts
+// reconciling only once its caches have synced).
+func (d *Dataplane) Serving() bool { return d.serving.Load() }
 
 // State is the latest state the dataplane applied.
 func (d *Dataplane) State() *DataplaneState { return d.state.Load() }
@@ -145,6 +154,12 @@ func (d *Dataplane) SetupWithManager(mgr ctrl.Manager) error {
 		Watches(&lbv1alpha1.LoadBalancerRule{}, all, builder.WithPredicates(predicate.GenerationChangedPredicate{})).
 		Watches(&corev1.Service{}, all, builder.WithPredicates(notFrontend)).
 		Watches(&discoveryv1.EndpointSlice{}, all, builder.WithPredicates(notFrontend)).
+		// One reconcile at start even when there is no object at all, so the
+		// replica becomes Serving (ready) in an empty cluster too.
+		WatchesRawSource(source.Func(func(_ context.Context, q workqueue.TypedRateLimitingInterface[reconcile.Request]) error {
+			q.Add(everything)
+			return nil
+		})).
 		Complete(d)
 }
 
@@ -196,6 +211,9 @@ func (d *Dataplane) Reconcile(ctx context.Context, _ reconcile.Request) (reconci
 			next.ListenErrors[types.NamespacedName{Namespace: ns, Name: n}] = err.Error()
 		}
 		d.Log.V(1).Info("snapshot applied", "version", snap.Version, "rules", len(snap.Rules), "failed", len(failed))
+		if !d.serving.Swap(true) {
+			d.Log.Info("serving: first snapshot applied", "version", snap.Version, "rules", len(snap.Rules))
+		}
 	} else {
 		next.ListenErrors = prev.ListenErrors
 	}

@@ -138,18 +138,23 @@ type process struct {
 // its test to serve the next test's ports.
 func startStickylb(t *testing.T, bind string) *process {
 	t.Helper()
+	return startStickylbWith(t, bind, nil, "--leader-elect", "--leader-election-namespace", "default", "--drain-timeout", "2s")
+}
+
+// startStickylbWith runs `stickylb` serving on bind with env added to the
+// test's environment (POD_NAMESPACE makes it run as in a cluster) and args.
+func startStickylbWith(t *testing.T, bind string, env []string, args ...string) *process {
+	t.Helper()
 	p := &process{bind: bind, metrics: testenv.FreeAddr(t), health: testenv.FreeAddr(t), logs: &testenv.Output{}, exited: make(chan struct{})}
-	p.cmd = exec.Command(stickylb,
+	p.cmd = exec.Command(stickylb, append([]string{
 		"--kubeconfig", kubeconfig,
 		"--dataplane-bind-address", bind,
 		"--metrics-bind-address", p.metrics,
 		"--health-probe-bind-address", p.health,
-		"--leader-elect", "--leader-election-namespace", "default",
-		"--drain-timeout", "2s",
-	)
-	p.cmd.Env = slices.DeleteFunc(os.Environ(), func(kv string) bool {
+	}, args...)...)
+	p.cmd.Env = append(slices.DeleteFunc(os.Environ(), func(kv string) bool {
 		return strings.HasPrefix(kv, "POD_NAMESPACE=") || strings.HasPrefix(kv, "POD_IP=") || strings.HasPrefix(kv, "KUBECONFIG=")
-	})
+	}), env...)
 	p.cmd.Stdout, p.cmd.Stderr = p.logs, p.logs
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)
