@@ -255,7 +255,8 @@ func TestTemplateDefaults(t *testing.T) {
 		t.Errorf("imagePullPolicy = %q", c.ImagePullPolicy)
 	}
 	for _, arg := range []string{"--leader-elect", "--metrics-secure", "--metrics-bind-address=:8443", "--health-probe-bind-address=:8081",
-		"--dataplane-pod-selector=app.kubernetes.io/name=stickylb,app.kubernetes.io/instance=stickylb"} {
+		"--dataplane-pod-selector=app.kubernetes.io/name=stickylb,app.kubernetes.io/instance=stickylb",
+		"--shutdown-timeout=20s", "--shutdown-delay=5s", "--drain-timeout=30s"} {
 		if !slices.Contains(c.Args, arg) {
 			t.Errorf("args %v lack %s", c.Args, arg)
 		}
@@ -285,6 +286,21 @@ func TestTemplateDefaults(t *testing.T) {
 		if probe == nil || probe.HTTPGet == nil || probe.HTTPGet.Path != probeName || probe.HTTPGet.Port != intstr.FromString("health") {
 			t.Errorf("probe for %s = %+v, want httpGet %s on port health", probeName, probe, probeName)
 		}
+	}
+	// Readiness means serving and fails at once on SIGTERM: probed often, so
+	// a replica that is not deleted leaves the frontends within seconds.
+	if rp := c.ReadinessProbe; rp == nil || rp.PeriodSeconds != 2 || rp.FailureThreshold != 2 {
+		t.Errorf("readiness probe = %+v, want periodSeconds 2, failureThreshold 2", rp)
+	}
+	// The grace period covers the whole shutdown: 20s + 5s + 30s.
+	if g := pod.TerminationGracePeriodSeconds; g == nil || *g != 60 {
+		t.Errorf("terminationGracePeriodSeconds = %v, want 60", g)
+	}
+	// A new replica is Ready before an old one stops.
+	if st := d.Spec.Strategy; st.Type != appsv1.RollingUpdateDeploymentStrategyType || st.RollingUpdate == nil ||
+		st.RollingUpdate.MaxSurge == nil || *st.RollingUpdate.MaxSurge != intstr.FromInt32(1) ||
+		st.RollingUpdate.MaxUnavailable == nil || *st.RollingUpdate.MaxUnavailable != intstr.FromInt32(0) {
+		t.Errorf("strategy = %+v, want RollingUpdate with maxSurge 1, maxUnavailable 0", st)
 	}
 	if c.Resources.Requests.Cpu().IsZero() || c.Resources.Limits.Memory().IsZero() {
 		t.Errorf("resources = %+v, want CPU requests and memory limits", c.Resources)
@@ -350,6 +366,12 @@ resources:
     cpu: "2"
     memory: 1Gi
 extraArgs: [--max-connections=1000]
+strategy:
+  rollingUpdate: {maxSurge: 25%}
+shutdown:
+  timeoutSeconds: 40
+  delaySeconds: 10
+terminationGracePeriodSeconds: 90
 `
 
 func TestTemplateNonDefault(t *testing.T) {
@@ -379,6 +401,22 @@ func TestTemplateNonDefault(t *testing.T) {
 	if !slices.Contains(c.Args, "--max-connections=1000") || !slices.Contains(c.Args, "--metrics-secure") {
 		t.Errorf("args = %v, want the defaults plus --max-connections=1000", c.Args)
 	}
+	for _, arg := range []string{"--shutdown-timeout=40s", "--shutdown-delay=10s", "--drain-timeout=30s"} {
+		if !slices.Contains(c.Args, arg) {
+			t.Errorf("args %v lack %s", c.Args, arg)
+		}
+	}
+	if g := d.Spec.Template.Spec.TerminationGracePeriodSeconds; g == nil || *g != 90 {
+		t.Errorf("terminationGracePeriodSeconds = %v, want 90", g)
+	}
+	if ru := d.Spec.Strategy.RollingUpdate; ru == nil || ru.MaxSurge == nil || *ru.MaxSurge != intstr.FromString("25%") ||
+		ru.MaxUnavailable == nil || *ru.MaxUnavailable != intstr.FromInt32(0) {
+		t.Errorf("strategy = %+v, want maxSurge 25%% and the default maxUnavailable 0", d.Spec.Strategy)
+	}
+	recreate := only[appsv1.Deployment](t, render(t, valuesFile(t, "strategy: {type: Recreate}")), "Deployment", "stickylb")
+	if recreate.Spec.Strategy.Type != appsv1.RecreateDeploymentStrategyType || recreate.Spec.Strategy.RollingUpdate != nil {
+		t.Errorf("strategy.type=Recreate renders %+v", recreate.Spec.Strategy)
+	}
 
 	// crds.keep=false renders the CRD without the keep policy.
 	crdObj := only[apiextensionsv1.CustomResourceDefinition](t, render(t, valuesFile(t, "crds: {keep: false}")), "CustomResourceDefinition", "")
@@ -400,6 +438,10 @@ func TestSchemaRejectsBadValues(t *testing.T) {
 		{"resources not an object", `resources: lots`, "/resources"},
 		{"metrics port out of range", `metrics: {port: 70000}`, "/metrics/port"},
 		{"unknown key under image", `image: {name: x}`, "'name'"},
+		{"bad strategy type", `strategy: {type: BlueGreen}`, "/strategy/type"},
+		{"maxSurge not a number or percentage", `strategy: {rollingUpdate: {maxSurge: lots}}`, "/strategy/rollingUpdate/maxSurge"},
+		{"negative shutdown delay", `shutdown: {delaySeconds: -1}`, "/shutdown/delaySeconds"},
+		{"shutdown timeout as a duration string", `shutdown: {timeoutSeconds: 20s}`, "/shutdown/timeoutSeconds"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := runHelm(t, "template", release, chartDir, "-f", valuesFile(t, tc.values))
@@ -410,6 +452,30 @@ func TestSchemaRejectsBadValues(t *testing.T) {
 				t.Errorf("error does not name %s:\n%v", tc.want, err)
 			}
 		})
+	}
+}
+
+// TestGracePeriodCoversShutdown: the pod's grace period must outlast the
+// whole shutdown (README: "What happens on SIGTERM"), and the shutdown
+// durations must come from the values that are checked.
+func TestGracePeriodCoversShutdown(t *testing.T) {
+	for _, tc := range []struct{ name, values, want string }{
+		{"grace shorter than the default shutdown", `terminationGracePeriodSeconds: 54`, "terminationGracePeriodSeconds (54) must cover"},
+		{"longer drain without a longer grace", `shutdown: {drainTimeoutSeconds: 60}`, "(85)"},
+		{"drain timeout in extraArgs", `extraArgs: [--drain-timeout=5m]`, "set --drain-timeout=5m through the shutdown values"},
+		{"shutdown delay in extraArgs", `extraArgs: [-shutdown-delay=1m]`, "set -shutdown-delay=1m through the shutdown values"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := runHelm(t, "template", release, chartDir, "-f", valuesFile(t, tc.values))
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("values %q: err %v, want one containing %q", tc.values, err, tc.want)
+			}
+		})
+	}
+	// Exactly enough is enough.
+	d := only[appsv1.Deployment](t, render(t, valuesFile(t, "terminationGracePeriodSeconds: 25\nshutdown: {timeoutSeconds: 10, delaySeconds: 5, drainTimeoutSeconds: 10}")), "Deployment", "stickylb")
+	if g := d.Spec.Template.Spec.TerminationGracePeriodSeconds; g == nil || *g != 25 {
+		t.Errorf("terminationGracePeriodSeconds = %v, want 25", g)
 	}
 }
 
@@ -635,6 +701,8 @@ func checkManagerWithChartRBAC(ctx context.Context, t *testing.T, cfg *rest.Conf
 			a = "--metrics-bind-address=" + metricsAddr
 		case strings.HasPrefix(a, "--health-probe-bind-address="):
 			a = "--health-probe-bind-address=" + healthAddr
+		case strings.HasPrefix(a, "--shutdown-delay="):
+			a = "--shutdown-delay=0s" // no kube-proxy here; spare the test the wait
 		}
 		args = append(args, a)
 	}
