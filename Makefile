@@ -37,6 +37,12 @@ vet:
 build: ## Build the stickylb binary into bin/.
 	CGO_ENABLED=0 go build -trimpath -o $(BIN)/stickylb .
 
+.PHONY: image
+image: ## Build the image as an OCI archive, bin/stickylb-image.tar, without docker (for kind load image-archive, ctr images import, docker load).
+	arch=$$(go env GOARCH); \
+	CGO_ENABLED=0 GOOS=linux GOARCH=$$arch go build -trimpath -ldflags="-s -w" -o $(BIN)/stickylb-linux-$$arch . && \
+	go run ./hack/image -binary $(BIN)/stickylb-linux-$$arch -o $(BIN)/stickylb-image.tar
+
 ##@ Test
 
 .PHONY: test
