@@ -5,6 +5,8 @@ include hack/versions.env
 
 # Built from the Go module proxy and cached outside the repo by hack/test-binaries.sh.
 ASSETS = $(shell hack/test-binaries.sh kube-apiserver etcd kubectl controller-gen helm | tail -n 1)
+# The same directory, with the one-node cluster's binaries too (test/cluster).
+CLUSTER_ASSETS = $(shell hack/test-binaries.sh kube-apiserver etcd kubectl controller-gen helm kubelet kube-proxy kube-controller-manager kube-scheduler | tail -n 1)
 CONTROLLER_GEN = $(shell hack/test-binaries.sh controller-gen | tail -n 1)/controller-gen
 
 GO_TEST_FLAGS ?=
@@ -48,11 +50,11 @@ image: ## Build the image as an OCI archive, bin/stickylb-image.tar, without doc
 .PHONY: test
 test: ## Unit tests and envtest suites against a real kube-apiserver and etcd, with the race detector.
 	@hack/host-tools.sh
-	@assets="$(ASSETS)"; echo "KUBEBUILDER_ASSETS=$$assets"; \
+	@assets="$(CLUSTER_ASSETS)"; echo "KUBEBUILDER_ASSETS=$$assets"; \
 	test -z "$$(gofmt -l $$(git ls-files -co --exclude-standard '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files -co --exclude-standard '*.go'); exit 1; }; \
 	go vet ./...; \
 	KUBEBUILDER_ASSETS="$$assets" CONTROLLER_GEN="$$assets/controller-gen" \
-		go test -race -count=1 $(GO_TEST_FLAGS) ./...
+		go test -race -count=1 -timeout 40m $(GO_TEST_FLAGS) ./...
 
 .PHONY: demo
 demo: build ## Sticky sessions end to end on a local control plane, with nothing installed (about a minute).

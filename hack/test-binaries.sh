@@ -9,6 +9,7 @@
 # as KUBEBUILDER_ASSETS; it also holds controller-gen and helm.
 #
 #   hack/test-binaries.sh            # kube-apiserver, etcd, kubectl, controller-gen, helm
+#   hack/test-binaries.sh kubelet     # the node group: kubelet, kube-proxy, kube-controller-manager, kube-scheduler
 #   hack/test-binaries.sh controller-gen   # just one of them
 set -euo pipefail
 
@@ -21,6 +22,8 @@ cache=${STICKYLB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/stickylb}
 # directory printed at the end links the pinned set together.
 declare -A version=(
 	[kube-apiserver]=$KUBERNETES_VERSION [kubectl]=$KUBERNETES_VERSION
+	[kubelet]=$KUBERNETES_VERSION [kube-proxy]=$KUBERNETES_VERSION
+	[kube-controller-manager]=$KUBERNETES_VERSION [kube-scheduler]=$KUBERNETES_VERSION
 	[etcd]=$ETCD_VERSION [controller-gen]=$CONTROLLER_TOOLS_VERSION [helm]=$HELM_VERSION
 )
 assets="$cache/assets/k8s-$KUBERNETES_VERSION-etcd-$ETCD_VERSION"
@@ -41,14 +44,14 @@ newmod() {
 	printf 'module %s\n\ngo %s\n' "$2" "$GO_VERSION" >"$1/go.mod"
 }
 
-build_kubernetes() {
-	local d="$work/kubernetes-$KUBERNETES_VERSION"
-	newmod "$d" stickylb.local/kubernetes-binaries
+# kubernetes_module DIR: a throwaway module requiring k8s.io/kubernetes, with each
+# staging module replaced by the published v0.x.y of the same release (outside
+# its own tree k8s.io/kubernetes points them at ./staging).
+kubernetes_module() {
+	newmod "$1" stickylb.local/kubernetes-binaries
 	(
-		cd "$d"
+		cd "$1"
 		go mod edit -require="k8s.io/kubernetes@$KUBERNETES_VERSION"
-		# k8s.io/kubernetes points each staging module at ./staging; outside its own
-		# tree each must be replaced with the published v0.x.y of the same release.
 		local modfile staging
 		modfile=$(go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
 		staging=$(awk '$2 == "=>" && $3 ~ /^\.\/staging\// {print $1}' "$modfile")
@@ -57,14 +60,29 @@ build_kubernetes() {
 				go mod edit -replace="$m=$m@$K8S_STAGING_VERSION"
 			fi
 		done
-		local pkg=k8s.io/component-base/version
-		local ldflags="-s -w -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$(echo "$KUBERNETES_VERSION" | cut -d. -f2) -X $pkg.gitTreeState=clean"
-		mkdir -p "$cache/bin/kube-apiserver-$KUBERNETES_VERSION" "$cache/bin/kubectl-$KUBERNETES_VERSION"
-		log "building kube-apiserver $KUBERNETES_VERSION (several minutes the first time)"
-		go build -ldflags "$ldflags" -o "$cache/bin/kube-apiserver-$KUBERNETES_VERSION/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver
-		log "building kubectl $KUBERNETES_VERSION"
-		go build -ldflags "$ldflags" -o "$cache/bin/kubectl-$KUBERNETES_VERSION/kubectl" k8s.io/kubernetes/cmd/kubectl
 	)
+}
+
+# build_kubernetes GROUP: builds every binary of a group in one `go build`, so
+# the packages they share compile once; each lands in its own cache directory.
+build_kubernetes() {
+	local d="$work/kubernetes-$KUBERNETES_VERSION" out="$work/out-$1" tools t
+	case $1 in
+	control) tools=(kube-apiserver kubectl) ;;
+	node) tools=(kubelet kube-proxy kube-controller-manager kube-scheduler) ;;
+	esac
+	[ -f "$d/go.mod" ] && grep -q "k8s.io/kubernetes $KUBERNETES_VERSION" "$d/go.mod" || kubernetes_module "$d"
+	local pkg=k8s.io/component-base/version
+	local ldflags="-s -w -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$(echo "$KUBERNETES_VERSION" | cut -d. -f2) -X $pkg.gitTreeState=clean"
+	local pkgs=()
+	for t in "${tools[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$t"); done
+	log "building ${tools[*]} $KUBERNETES_VERSION in one go build (the node group takes 15-20 minutes on 2 cores the first time)"
+	rm -rf "$out" && mkdir -p "$out"
+	(cd "$d" && go build -ldflags "$ldflags" -o "$out/" "${pkgs[@]}")
+	for t in "${tools[@]}"; do
+		mkdir -p "$cache/bin/$t-$KUBERNETES_VERSION"
+		mv "$out/$t" "$cache/bin/$t-$KUBERNETES_VERSION/$t"
+	done
 }
 
 build_etcd() {
@@ -99,7 +117,8 @@ for t in "${want[@]}"; do
 	if [ ! -x "$bin/$t" ]; then
 		mkdir -p "$bin"
 		case $t in
-		kube-apiserver | kubectl) build_kubernetes ;;
+		kube-apiserver | kubectl) build_kubernetes control ;;
+		kubelet | kube-proxy | kube-controller-manager | kube-scheduler) build_kubernetes node ;;
 		etcd) build_etcd ;;
 		controller-gen) build_controller_gen ;;
 		helm) build_helm ;;

@@ -1,0 +1,599 @@
+package cluster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	coordinationv1 "k8s.io/api/coordination/v1"
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	utilruntime "k8s.io/apimachinery/pkg/util/runtime"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	lbv1alpha1 "github.com/stickylb/stickylb/api/v1alpha1"
+	"github.com/stickylb/stickylb/internal/cluster"
+)
+
+const (
+	release   = "stickylb"
+	systemNS  = "stickylb-system"
+	appNS     = "web"
+	ruleName  = "web"
+	leaseName = "stickylb.lb.stickylb.io"
+	// frontendService is the Service the controller makes for the rule's
+	// (default) frontend.
+	frontendService = "stickylb-default"
+)
+
+// backends is a Deployment of the backend image behind a Service, in a
+// namespace that enforces the restricted Pod Security Standard, and the rule
+// that balances over it: TCP and UDP, ClientIP, an HTTP probe.
+const backends = `apiVersion: v1
+kind: Namespace
+metadata:
+  name: web
+  labels:
+    pod-security.kubernetes.io/enforce: restricted
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: echo
+  namespace: web
+spec:
+  replicas: 5
+  selector:
+    matchLabels: {app: echo}
+  template:
+    metadata:
+      labels: {app: echo}
+    spec:
+      terminationGracePeriodSeconds: 30
+      securityContext:
+        runAsNonRoot: true
+        runAsUser: 65532
+        runAsGroup: 65532
+        seccompProfile: {type: RuntimeDefault}
+      containers:
+      - name: echo
+        image: %s
+        imagePullPolicy: Never
+        args: ["-port=8080", "-health-port=8081", "-shutdown-delay=5s"]
+        env:
+        - name: POD_NAME
+          valueFrom: {fieldRef: {fieldPath: metadata.name}}
+        ports:
+        - {containerPort: 8080, protocol: TCP}
+        - {containerPort: 8080, protocol: UDP}
+        - {containerPort: 8081, protocol: TCP}
+        readinessProbe:
+          httpGet: {path: /healthz, port: 8081}
+          periodSeconds: 2
+        securityContext:
+          allowPrivilegeEscalation: false
+          readOnlyRootFilesystem: true
+          capabilities: {drop: [ALL]}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: echo
+  namespace: web
+spec:
+  selector: {app: echo}
+  ports:
+  - {name: tcp, port: 8080, protocol: TCP}
+  - {name: udp, port: 8080, protocol: UDP}
+`
+
+const rule = `apiVersion: lb.stickylb.io/v1alpha1
+kind: LoadBalancerRule
+metadata:
+  name: web
+  namespace: web
+spec:
+  frontend:
+    port: 80
+    serviceType: NodePort
+  backendPool:
+    serviceName: echo
+  backendPort: 8080
+  protocol: All
+  sessionPersistence: ClientIP
+  probe:
+    protocol: HTTP
+    port: 8081
+    requestPath: /healthz
+    intervalInSeconds: 5
+`
+
+// frontend is where clients reach the rule: its ClusterIP and its NodePorts
+// (TCP and UDP) on the node.
+type frontend struct {
+	ClusterIP        netip.Addr
+	NodePortTCP      netip.AddrPort
+	NodePortUDP      netip.AddrPort
+	ClusterIPPort    netip.AddrPort
+	NodePortsTargets []netip.AddrPort
+}
+
+// TestUserPath is one story, step by step, as a user lives it; a step runs
+// only when the ones before it passed.
+func TestUserPath(t *testing.T) {
+	k8s := newClient(t)
+	var fe frontend
+	var report []string
+	steps := []struct {
+		name string
+		run  func(t *testing.T)
+	}{
+		{"helm install into a restricted namespace", func(t *testing.T) {
+			kubectl(t, "", "create", "namespace", systemNS)
+			kubectl(t, "", "label", "namespace", systemNS, "pod-security.kubernetes.io/enforce=restricted",
+				"pod-security.kubernetes.io/warn=restricted")
+			start := time.Now()
+			helm(t, "install", release, "../../charts/stickylb", "-n", systemNS, "--wait", "--timeout", "3m")
+			pods := stickylbPods(t, k8s)
+			if len(pods) != 2 {
+				t.Fatalf("%d stickylb pods, want 2", len(pods))
+			}
+			for _, p := range pods {
+				if p.Status.Phase != corev1.PodRunning || !podReady(&p) {
+					t.Errorf("pod %s: %s, ready %v", p.Name, p.Status.Phase, podReady(&p))
+				}
+			}
+			t.Logf("helm install: both replicas Running and Ready after %v", time.Since(start).Round(time.Second))
+			noRestarts(t, k8s)
+		}},
+		{"backends and an All ClientIP rule with an HTTP probe", func(t *testing.T) {
+			kubectl(t, fmt.Sprintf(backends, images.Backend.Ref), "apply", "-f", "-")
+			kubectl(t, "", "-n", appNS, "rollout", "status", "deployment/echo", "--timeout=3m")
+			kubectl(t, rule, "apply", "-f", "-")
+			start := time.Now()
+			kubectl(t, "", "-n", appNS, "wait", "--for=condition=Ready", "lbr/"+ruleName, "--timeout=2m")
+			t.Logf("kubectl wait --for=condition=Ready: %v", time.Since(start).Round(time.Millisecond))
+			fe = frontendOf(t, k8s)
+			// Like any Service, the frontend carries traffic once kube-proxy
+			// has programmed it, a moment after the controller wrote it.
+			since := time.Now()
+			eventually(t, 30*time.Second, "the frontend answers through kube-proxy", func() error {
+				for _, to := range []netip.AddrPort{fe.ClusterIPPort, fe.NodePortTCP} {
+					if _, err := ask("tcp", cluster.ClientIP(0), to, time.Second); err != nil {
+						return err
+					}
+				}
+				for _, to := range []netip.AddrPort{fe.ClusterIPPort, fe.NodePortUDP} {
+					if _, err := ask("udp", cluster.ClientIP(0), to, time.Second); err != nil {
+						return err
+					}
+				}
+				return nil
+			})
+			t.Logf("ClusterIP and NodePort answer %v after Ready", time.Since(since).Round(time.Millisecond))
+			var r lbv1alpha1.LoadBalancerRule
+			get(t, k8s, appNS, ruleName, &r)
+			if !slices.Contains(r.Status.Frontend.Addresses, fe.ClusterIP.String()) {
+				t.Errorf("status.frontend.addresses %v does not hold the frontend Service's ClusterIP %s", r.Status.Frontend.Addresses, fe.ClusterIP)
+			}
+			if r.Status.Backends.Healthy != 5 {
+				t.Errorf("status.backends %+v, want 5 healthy", r.Status.Backends)
+			}
+		}},
+		{"clients stick to one pod through ClusterIP, NodePort and every replica", func(t *testing.T) {
+			stickyEverywhere(t, k8s, fe)
+		}},
+		{"scale the backends 5 to 7 to 4 under load", func(t *testing.T) {
+			l := startLoad(fe.targets(), 3, 1)
+			kubectl(t, "", "-n", appNS, "scale", "deployment/echo", "--replicas=7")
+			waitHealthy(t, k8s, 7)
+			kubectl(t, "", "-n", appNS, "scale", "deployment/echo", "--replicas=4")
+			waitHealthy(t, k8s, 4)
+			waitPods(t, k8s, appNS, "app=echo", 4)
+			report = append(report, expectNoFailures(t, "scale 5→7→4", l.stop()))
+			noRestarts(t, k8s)
+		}},
+		{"rolling update of the backends under load", func(t *testing.T) {
+			l := startLoad(fe.targets(), 3, 1)
+			kubectl(t, "", "-n", appNS, "set", "env", "deployment/echo", "ROLLOUT=2")
+			kubectl(t, "", "-n", appNS, "rollout", "status", "deployment/echo", "--timeout=5m")
+			waitPods(t, k8s, appNS, "app=echo", 4)
+			waitHealthy(t, k8s, 4)
+			report = append(report, expectNoFailures(t, "backend rolling update", l.stop()))
+			noRestarts(t, k8s)
+		}},
+		{"rollout restart of stickylb under load", func(t *testing.T) {
+			l := startLoad(fe.targets(), 3, 1)
+			kubectl(t, "", "-n", systemNS, "rollout", "restart", "deployment/"+release)
+			kubectl(t, "", "-n", systemNS, "rollout", "status", "deployment/"+release, "--timeout=5m")
+			waitPods(t, k8s, systemNS, "app.kubernetes.io/name=stickylb", 2)
+			report = append(report, expectNoFailures(t, "stickylb rollout restart", l.stop()))
+			noRestarts(t, k8s)
+		}},
+		{"helm upgrade that changes a value, under load", func(t *testing.T) {
+			l := startLoad(fe.targets(), 3, 1)
+			helm(t, "upgrade", release, "../../charts/stickylb", "-n", systemNS, "--reuse-values",
+				"--set", "podAnnotations.example\\.com/upgraded=yes", "--wait", "--timeout", "5m")
+			waitPods(t, k8s, systemNS, "app.kubernetes.io/name=stickylb", 2)
+			for _, p := range stickylbPods(t, k8s) {
+				if p.Annotations["example.com/upgraded"] != "yes" {
+					t.Errorf("pod %s does not run the upgraded template", p.Name)
+				}
+			}
+			report = append(report, expectNoFailures(t, "helm upgrade", l.stop()))
+			noRestarts(t, k8s)
+		}},
+		{"delete the leader under load", func(t *testing.T) {
+			leader := leaderPod(t, k8s)
+			l := startLoad(fe.targets(), 3, 1)
+			w := startStatusWatch(t, k8s)
+			time.Sleep(2 * time.Second)
+			start := time.Now()
+			kubectl(t, "", "-n", systemNS, "delete", "pod", leader, "--wait=false")
+			var next string
+			eventually(t, 2*time.Minute, "a new leader", func() error {
+				if next = leaderPod(t, k8s); next == leader {
+					return fmt.Errorf("%s still holds the Lease", leader)
+				}
+				return nil
+			})
+			leaseMoved := time.Since(start)
+			kubectl(t, "", "-n", systemNS, "rollout", "status", "deployment/"+release, "--timeout=5m")
+			waitPods(t, k8s, systemNS, "app.kubernetes.io/name=stickylb", 2)
+			time.Sleep(2 * time.Second)
+			lag := w.stop(t)
+			res := l.stop()
+			line := expectNoFailures(t, "delete the leader", res) +
+				fmt.Sprintf("; Lease with %s after %v; status never more than %v behind a spec change",
+					next, leaseMoved.Round(100*time.Millisecond), lag.Round(100*time.Millisecond))
+			t.Log(line)
+			report = append(report, line)
+			// Released on shutdown, the Lease moves at once; waited out, it
+			// would take its 15 s duration.
+			if lag > 10*time.Second {
+				t.Errorf("status went unwritten for %v while the leader changed", lag)
+			}
+			noRestarts(t, k8s)
+		}},
+		{"clients still stick after all of it", func(t *testing.T) {
+			stickyEverywhere(t, k8s, fe)
+		}},
+		{"helm uninstall keeps the CRD and the rules; the frontend refuses clients", func(t *testing.T) {
+			start := time.Now()
+			helm(t, "uninstall", release, "-n", systemNS, "--wait", "--timeout", "3m")
+			waitPods(t, k8s, systemNS, "app.kubernetes.io/instance="+release, 0)
+			t.Logf("helm uninstall: %v", time.Since(start).Round(time.Second))
+			kubectl(t, "", "get", "crd", "loadbalancerrules.lb.stickylb.io")
+			var r lbv1alpha1.LoadBalancerRule
+			get(t, k8s, appNS, ruleName, &r)
+			// The rule's frontend Service stays (the rule owns it, and keeps its
+			// ClusterIP and node ports for a reinstall), with no endpoint left.
+			var slice discoveryv1.EndpointSlice
+			get(t, k8s, appNS, frontendService, &slice)
+			if len(slice.Endpoints) != 0 {
+				t.Errorf("the frontend EndpointSlice still lists %d endpoints after the uninstall: %+v", len(slice.Endpoints), slice.Endpoints)
+			}
+			eventually(t, 10*time.Second, "kube-proxy refuses the frontend's clients", func() error {
+				for _, p := range []struct {
+					network string
+					to      netip.AddrPort
+				}{{"tcp", fe.ClusterIPPort}, {"tcp", fe.NodePortTCP}, {"udp", fe.ClusterIPPort}, {"udp", fe.NodePortUDP}} {
+					if _, err := ask(p.network, cluster.ClientIP(0), p.to, 2*time.Second); !errors.Is(err, syscall.ECONNREFUSED) {
+						return fmt.Errorf("%s %s: %v, want connection refused", p.network, p.to, err)
+					}
+				}
+				return nil
+			})
+			out := kubectl(t, "", "-n", systemNS, "get", "jobs,serviceaccounts,roles,rolebindings", "-o", "name")
+			if strings.Contains(out, "scale-down") {
+				t.Errorf("the uninstall hook left objects behind:\n%s", out)
+			}
+		}},
+	}
+	for _, s := range steps {
+		if !t.Run(s.name, s.run) {
+			t.Fatalf("step %q failed; the steps after it depend on it", s.name)
+		}
+	}
+	t.Log("what each operation did to new connections:\n\t" + strings.Join(report, "\n\t"))
+}
+
+// statusWatch changes the rule's spec every half second and measures how
+// long each change waits for the controller to report it in status: the
+// longest wait is how long the rule went without a leader.
+type statusWatch struct {
+	cancel context.CancelFunc
+	done   chan time.Duration
+}
+
+func startStatusWatch(t *testing.T, c client.Client) *statusWatch {
+	ctx, cancel := context.WithCancel(context.Background())
+	w := &statusWatch{cancel: cancel, done: make(chan time.Duration, 1)}
+	go func() {
+		patched := map[int64]time.Time{} // generation -> when it was made
+		var worst time.Duration
+		next := time.Now()
+		timeout := int32(4)
+		for ctx.Err() == nil {
+			if time.Now().After(next) {
+				timeout = 4 + (timeout-3)%90
+				var r lbv1alpha1.LoadBalancerRule
+				if err := c.Get(ctx, client.ObjectKey{Namespace: appNS, Name: ruleName}, &r); err == nil {
+					orig := r.DeepCopy()
+					r.Spec.IdleTimeoutInMinutes = timeout
+					at := time.Now()
+					if err := c.Patch(ctx, &r, client.MergeFrom(orig)); err == nil {
+						patched[r.Generation] = at
+					}
+				}
+				next = time.Now().Add(500 * time.Millisecond)
+			}
+			var r lbv1alpha1.LoadBalancerRule
+			if err := c.Get(ctx, client.ObjectKey{Namespace: appNS, Name: ruleName}, &r); err == nil {
+				for g, at := range patched {
+					if g <= r.Status.ObservedGeneration {
+						worst = max(worst, time.Since(at))
+						delete(patched, g)
+					}
+				}
+			}
+			// A change still unreported counts for as long as it has waited.
+			for _, at := range patched {
+				worst = max(worst, time.Since(at))
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		w.done <- worst
+	}()
+	return w
+}
+
+func (w *statusWatch) stop(t *testing.T) time.Duration {
+	w.cancel()
+	return <-w.done
+}
+
+func (f frontend) targets() []netip.AddrPort {
+	return []netip.AddrPort{f.ClusterIPPort, f.NodePortTCP}
+}
+
+func newClient(t testing.TB) client.Client {
+	t.Helper()
+	s := runtime.NewScheme()
+	utilruntime.Must(clientgoscheme.AddToScheme(s))
+	utilruntime.Must(lbv1alpha1.AddToScheme(s))
+	c, err := client.New(kc.Config, client.Options{Scheme: s})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func get(t testing.TB, c client.Client, ns, name string, obj client.Object) {
+	t.Helper()
+	if err := c.Get(context.Background(), client.ObjectKey{Namespace: ns, Name: name}, obj); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// frontendOf reads the frontend Service the controller made.
+func frontendOf(t testing.TB, c client.Client) frontend {
+	t.Helper()
+	var svc corev1.Service
+	get(t, c, appNS, frontendService, &svc)
+	var f frontend
+	var err error
+	if f.ClusterIP, err = netip.ParseAddr(svc.Spec.ClusterIP); err != nil {
+		t.Fatalf("frontend Service %s has no ClusterIP: %v", frontendService, err)
+	}
+	f.ClusterIPPort = netip.AddrPortFrom(f.ClusterIP, 80)
+	for _, p := range svc.Spec.Ports {
+		if p.Port != 80 || p.NodePort == 0 {
+			continue
+		}
+		ap := netip.AddrPortFrom(cluster.NodeIP, uint16(p.NodePort))
+		if p.Protocol == corev1.ProtocolTCP {
+			f.NodePortTCP = ap
+		} else {
+			f.NodePortUDP = ap
+		}
+	}
+	if !f.NodePortTCP.IsValid() || !f.NodePortUDP.IsValid() {
+		t.Fatalf("frontend Service %s has no TCP and UDP node ports: %+v", frontendService, svc.Spec.Ports)
+	}
+	return f
+}
+
+// stickyEverywhere sends 200 clients, each several times over TCP and UDP,
+// through the ClusterIP, the NodePorts and straight to each stickylb pod,
+// and checks each sees one backend pod only, and that they spread.
+func stickyEverywhere(t *testing.T, c client.Client, fe frontend) {
+	type path struct {
+		name string
+		tcp  bool
+		to   netip.AddrPort
+	}
+	paths := []path{
+		{"ClusterIP/TCP", true, fe.ClusterIPPort}, {"ClusterIP/UDP", false, fe.ClusterIPPort},
+		{"NodePort/TCP", true, fe.NodePortTCP}, {"NodePort/UDP", false, fe.NodePortUDP},
+	}
+	for _, p := range stickylbPods(t, c) {
+		ip := addrPort(t, p.Status.PodIP, 80)
+		paths = append(paths, path{p.Name + "/TCP", true, ip}, path{p.Name + "/UDP", false, ip})
+	}
+	const clients, rounds = 200, 3
+	seen := make([]map[string][]string, clients) // backend -> the paths that led there
+	var wg sync.WaitGroup
+	errs := make(chan error, clients)
+	sem := make(chan struct{}, 16)
+	for i := range clients {
+		seen[i] = map[string][]string{}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			sem <- struct{}{}
+			defer func() { <-sem }()
+			src := cluster.ClientIP(i)
+			for range rounds {
+				for _, p := range paths {
+					ask := askUDP
+					if p.tcp {
+						ask = askTCP
+					}
+					name, err := ask(src, p.to)
+					if err != nil {
+						errs <- fmt.Errorf("client %s via %s: %w", src, p.name, err)
+						return
+					}
+					seen[i][name] = append(seen[i][name], p.name)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	pods := map[string]int{}
+	moved := 0
+	for i, s := range seen {
+		if len(s) > 1 {
+			moved++
+			if moved <= 5 {
+				t.Errorf("client %s reached %d backend pods: %v", cluster.ClientIP(i), len(s), s)
+			}
+		}
+		for name := range s {
+			pods[name]++
+		}
+	}
+	if moved > 0 {
+		t.Errorf("%d of %d clients reached more than one backend pod", moved, clients)
+	}
+	t.Logf("%d clients × %d rounds × %d paths: clients per backend pod %v", clients, rounds, len(paths), pods)
+	if len(pods) < 4 {
+		t.Errorf("the clients reached %d backend pods, want at least 4: kube-proxy may have hidden their addresses", len(pods))
+	}
+}
+
+// expectNoFailures fails the test when the load saw a refused or failed new
+// connection, and returns the line for the report.
+func expectNoFailures(t *testing.T, op string, r loadResult) string {
+	t.Helper()
+	line := fmt.Sprintf("%s: %v", op, r)
+	t.Log(line)
+	if r.TCP.Attempts < 100 || r.UDP.Attempts < 20 {
+		t.Errorf("%s: the load made too few attempts to mean anything: %v", op, r)
+	}
+	if r.TCP.Refused+r.TCP.Failed+r.UDP.Refused+r.UDP.Failed > 0 {
+		t.Errorf("%s: new connections refused or failed: %v", op, r)
+	}
+	return line
+}
+
+func stickylbPods(t testing.TB, c client.Client) []corev1.Pod {
+	t.Helper()
+	var pods corev1.PodList
+	if err := c.List(context.Background(), &pods, client.InNamespace(systemNS), client.MatchingLabels{"app.kubernetes.io/name": "stickylb"}); err != nil {
+		t.Fatal(err)
+	}
+	return pods.Items
+}
+
+func podReady(p *corev1.Pod) bool {
+	for _, c := range p.Status.Conditions {
+		if c.Type == corev1.PodReady {
+			return c.Status == corev1.ConditionTrue
+		}
+	}
+	return false
+}
+
+// noRestarts fails when any container of stickylb or of the backends restarted.
+func noRestarts(t testing.TB, c client.Client) {
+	t.Helper()
+	for _, ns := range []string{systemNS, appNS} {
+		var pods corev1.PodList
+		if err := c.List(context.Background(), &pods, client.InNamespace(ns)); err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range pods.Items {
+			for _, s := range p.Status.ContainerStatuses {
+				if s.RestartCount > 0 {
+					t.Errorf("container %s/%s/%s restarted %d times (last state %+v)", ns, p.Name, s.Name, s.RestartCount, s.LastTerminationState)
+				}
+			}
+		}
+	}
+}
+
+// waitHealthy waits until the rule counts n healthy backends.
+func waitHealthy(t testing.TB, c client.Client, n int32) {
+	t.Helper()
+	eventually(t, 3*time.Minute, fmt.Sprintf("%d healthy backends", n), func() error {
+		var r lbv1alpha1.LoadBalancerRule
+		get(t, c, appNS, ruleName, &r)
+		if r.Status.Backends.Healthy != n || r.Status.Backends.Ready != n {
+			return fmt.Errorf("backends %+v", r.Status.Backends)
+		}
+		return nil
+	})
+}
+
+// waitPods waits until exactly n pods match selector, none of them terminating.
+func waitPods(t testing.TB, c client.Client, ns, selector string, n int) {
+	t.Helper()
+	eventually(t, 3*time.Minute, fmt.Sprintf("%d pods %s", n, selector), func() error {
+		out, err := toolErr(kubectlPath(), "", "-n", ns, "get", "pods", "-l", selector, "-o", "name")
+		if err != nil {
+			return err
+		}
+		if got := len(strings.Fields(out)); got != n {
+			return fmt.Errorf("%d pods", got)
+		}
+		return nil
+	})
+}
+
+func kubectlPath() string { return assets + "/kubectl" }
+
+// leaderPod is the pod that holds the controller's Lease.
+func leaderPod(t testing.TB, c client.Client) string {
+	t.Helper()
+	var lease coordinationv1.Lease
+	var holder string
+	eventually(t, time.Minute, "a Lease holder", func() error {
+		get(t, c, systemNS, leaseName, &lease)
+		if lease.Spec.HolderIdentity == nil || *lease.Spec.HolderIdentity == "" {
+			return fmt.Errorf("no holder")
+		}
+		holder, _, _ = strings.Cut(*lease.Spec.HolderIdentity, "_")
+		return nil
+	})
+	return holder
+}
+
+func eventually(t testing.TB, timeout time.Duration, what string, f func() error) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		err := f()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not within %v: %v", what, timeout, err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
