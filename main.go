@@ -2,6 +2,7 @@
 //
 //	stickylb [flags]               run the manager (controller and dataplane roles)
 //	stickylb proxy --rules FILE    run the dataplane alone from a file of rules
+//	stickylb scale-down ...        the chart's pre-delete hook (scaledown_cmd.go)
 package main
 
 import (
@@ -43,8 +44,13 @@ import (
 // +kubebuilder:rbac:groups=authorization.k8s.io,resources=subjectaccessreviews,verbs=create
 
 func main() {
-	if len(os.Args) > 1 && os.Args[1] == "proxy" {
-		os.Exit(runProxy(os.Args[2:]))
+	if len(os.Args) > 1 {
+		switch os.Args[1] {
+		case "proxy":
+			os.Exit(runProxy(os.Args[2:]))
+		case "scale-down":
+			os.Exit(runScaleDown(os.Args[2:]))
+		}
 	}
 	os.Exit(runManager(os.Args[1:]))
 }

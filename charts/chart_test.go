@@ -103,10 +103,32 @@ func valuesFile(t *testing.T, values string) string {
 }
 
 // render runs helm template with the given values files and returns the objects.
+// render is what helm install creates: the chart without its hooks.
 func render(t *testing.T, valueFiles ...string) []*unstructured.Unstructured {
 	t.Helper()
+	return renderArgs(t, append([]string{"--no-hooks"}, valueFiles...)...)
+}
+
+// renderHooks is the chart's hooks only.
+func renderHooks(t *testing.T) []*unstructured.Unstructured {
+	t.Helper()
+	var hooks []*unstructured.Unstructured
+	for _, o := range renderArgs(t) {
+		if o.GetAnnotations()["helm.sh/hook"] != "" {
+			hooks = append(hooks, o)
+		}
+	}
+	return hooks
+}
+
+func renderArgs(t *testing.T, flagsAndValueFiles ...string) []*unstructured.Unstructured {
+	t.Helper()
 	args := []string{"template", release, chartDir, "--namespace", namespace}
-	for _, f := range valueFiles {
+	for _, f := range flagsAndValueFiles {
+		if strings.HasPrefix(f, "--") {
+			args = append(args, f)
+			continue
+		}
 		args = append(args, "-f", f)
 	}
 	out, err := runHelm(t, args...)
@@ -232,6 +254,24 @@ func TestTemplateDefaults(t *testing.T) {
 	}
 	if got := kinds(objs); !slices.Equal(got, want) {
 		t.Errorf("rendered objects:\n got %v\nwant %v", got, want)
+	}
+	// The uninstall hook is a pre-delete hook only, and its pod is no replica:
+	// the manager's pod selector must not match it.
+	hooks := renderHooks(t)
+	wantHooks := []string{"Job/stickylb-scale-down", "Role/stickylb-scale-down", "RoleBinding/stickylb-scale-down", "ServiceAccount/stickylb-scale-down"}
+	if got := kinds(hooks); !slices.Equal(got, wantHooks) {
+		t.Errorf("rendered hooks:\n got %v\nwant %v", got, wantHooks)
+	}
+	for _, o := range hooks {
+		if got := o.GetAnnotations()["helm.sh/hook"]; got != "pre-delete" {
+			t.Errorf("%s/%s: helm.sh/hook %q, want pre-delete", o.GetKind(), o.GetName(), got)
+		}
+		if o.GetKind() == "Job" {
+			podLabels, _, _ := unstructured.NestedStringMap(o.Object, "spec", "template", "metadata", "labels")
+			if podLabels["app.kubernetes.io/name"] == "stickylb" {
+				t.Errorf("the scale-down Job's pod carries the manager's selector labels: %v", podLabels)
+			}
+		}
 	}
 	for _, o := range objs {
 		if o.GetKind() != "CustomResourceDefinition" && !strings.HasPrefix(o.GetKind(), "Cluster") && o.GetNamespace() != namespace {
@@ -646,8 +686,9 @@ func TestInstall(t *testing.T) {
 
 	checkManagerWithChartRBAC(ctx, t, cfg, k8s, d.Spec.Template.Spec.Containers[0].Args)
 
-	// Uninstalling keeps the CRD (crds.keep) and removes the rest.
-	if _, err := runHelm(t, "uninstall", release, "--namespace", namespace, "--kubeconfig", kcPath, "--timeout", "1m"); err != nil {
+	// Uninstalling keeps the CRD (crds.keep) and removes the rest. No kubelet
+	// runs here to run the pre-delete Job; test/cluster runs it for real.
+	if _, err := runHelm(t, "uninstall", release, "--namespace", namespace, "--kubeconfig", kcPath, "--timeout", "1m", "--no-hooks"); err != nil {
 		t.Fatal(err)
 	}
 	if err := k8s.Get(ctx, client.ObjectKey{Name: crdName}, &apiextensionsv1.CustomResourceDefinition{}); err != nil {
