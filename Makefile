@@ -48,13 +48,14 @@ image: ## Build the image as an OCI archive, bin/stickylb-image.tar, without doc
 ##@ Test
 
 .PHONY: test
-test: ## Unit tests and envtest suites against a real kube-apiserver and etcd, with the race detector.
+test: ## Every test, with the race detector: envtest suites (real kube-apiserver and etcd) and a real one-node cluster running the chart.
 	@hack/host-tools.sh
 	@assets="$(CLUSTER_ASSETS)"; echo "KUBEBUILDER_ASSETS=$$assets"; \
 	test -z "$$(gofmt -l $$(git ls-files -co --exclude-standard '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files -co --exclude-standard '*.go'); exit 1; }; \
 	go vet ./...; \
 	KUBEBUILDER_ASSETS="$$assets" CONTROLLER_GEN="$$assets/controller-gen" \
-		go test -race -count=1 -timeout 40m $(GO_TEST_FLAGS) ./...
+		go test -race -count=1 -timeout 40m $(GO_TEST_FLAGS) ./...; \
+	hack/leftovers.sh
 
 .PHONY: demo
 demo: build ## Sticky sessions end to end on a local control plane, with nothing installed (about a minute).
