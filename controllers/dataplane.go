@@ -71,12 +71,60 @@ type Dataplane struct {
 	lastSnap *snapshot.Snapshot
 	// serving is set once a snapshot built from synced caches is applied.
 	serving atomic.Bool
+
+	// cov tracks Covered; see coverage.
+	cov coverage
+
+	// subscribers are woken when what a Report says may have changed.
+	subsMu      sync.Mutex
+	subscribers map[chan struct{}]struct{}
+}
+
+// coverage tracks up to which LoadBalancerRule resourceVersion the applied
+// snapshot is complete (Dataplane.Covered).
+//
+// Why it is right. One event handler (ruleEvents) sees the rule informer's
+// events in the order of the watch, which is resourceVersion order, and the
+// informer writes each event into its cache before it hands it to any
+// handler. So:
+//
+//   - handled, the highest version the handler has seen, is in the cache:
+//     a Reconcile that reads handled before it lists the rules lists a cache
+//     that holds every change at or below it. Once it has applied what it
+//     listed, every change up to max(handled at its start, the highest
+//     version it listed) is served (a listed version is in the cache, and
+//     the cache holds a prefix of the watch). Versions the handler sees
+//     while that Reconcile runs may or may not be in what it listed: they
+//     wait for the next one.
+//   - A generation-changing event (add, delete, new generation) at or below
+//     covered is already served; above it, it is waiting (dirty is the
+//     highest one waiting) and the handler enqueues a Reconcile itself, after
+//     recording it: that Reconcile starts after, reads handled >= its
+//     version, and so covers it. Nothing waits for a Reconcile that nobody
+//     queued.
+//   - A status-only update (same generation: no snapshot change) at version
+//     v is served as soon as every generation-changing event before it is:
+//     those all reached the handler before it. With none waiting (dirty <=
+//     covered) covered becomes v at once; otherwise v is held back (held)
+//     and folded in by the first Reconcile after which none is waiting.
+//
+// Only the maximum of the waiting and held-back versions is kept: that may
+// hold back a status update a little longer than needed, never too little.
+// A delete the informer missed (DeleteStateUnknown) carries an older
+// version; it still enqueues a Reconcile and never raises covered itself.
+type coverage struct {
+	mu      sync.Mutex
+	covered uint64 // every rule change at or below it is served
+	handled uint64 // the highest version the rule handler has seen
+	dirty   uint64 // the highest generation-changing version not yet known served
+	held    uint64 // the highest status-only version held back behind dirty
 }
 
 // NewDataplane returns the dataplane role for p.
 func NewDataplane(c client.Client, p *proxy.Proxy, bind netip.Addr, log logr.Logger) *Dataplane {
 	d := &Dataplane{Client: c, Proxy: p, Bind: bind, Log: log, changed: make(chan event.GenericEvent),
-		pending: map[types.NamespacedName]struct{}{}, wake: make(chan struct{}, 1)}
+		pending: map[types.NamespacedName]struct{}{}, wake: make(chan struct{}, 1),
+		subscribers: map[chan struct{}]struct{}{}}
 	d.state.Store(&DataplaneState{})
 	return d
 }
@@ -97,6 +145,136 @@ func (d *Dataplane) Changes() <-chan event.GenericEvent { return d.changed }
 func (d *Dataplane) HealthChanged(rule string) {
 	ns, name, _ := cutName(rule)
 	d.notify(types.NamespacedName{Namespace: ns, Name: name})
+	d.publish()
+}
+
+// Covered is the highest LoadBalancerRule resourceVersion up to which the
+// applied snapshot is complete: every rule change the API server made at or
+// below it is served (status-only changes need no snapshot). 0 until the
+// first snapshot is applied.
+func (d *Dataplane) Covered() uint64 {
+	d.cov.mu.Lock()
+	defer d.cov.mu.Unlock()
+	return d.cov.covered
+}
+
+// Subscribe returns a channel that receives (coalesced, never blocking the
+// sender) whenever what a Report says may have changed: Covered, the
+// snapshot version, the listen errors, a probe transition. cancel stops it.
+func (d *Dataplane) Subscribe() (changed <-chan struct{}, cancel func()) {
+	c := make(chan struct{}, 1)
+	d.subsMu.Lock()
+	d.subscribers[c] = struct{}{}
+	d.subsMu.Unlock()
+	return c, func() {
+		d.subsMu.Lock()
+		delete(d.subscribers, c)
+		d.subsMu.Unlock()
+	}
+}
+
+// publish wakes the subscribers.
+func (d *Dataplane) publish() {
+	d.subsMu.Lock()
+	defer d.subsMu.Unlock()
+	for c := range d.subscribers {
+		select {
+		case c <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// ruleEvents is the dataplane's one handler of LoadBalancerRule events: it
+// enqueues a Reconcile for generation-changing events only (status writes
+// change no snapshot) and keeps coverage (see there) in step.
+type ruleEvents struct{ d *Dataplane }
+
+type ruleQueue = workqueue.TypedRateLimitingInterface[reconcile.Request]
+
+func (h ruleEvents) Create(_ context.Context, e event.CreateEvent, q ruleQueue) {
+	h.generationChanged(e.Object, q)
+}
+
+func (h ruleEvents) Update(_ context.Context, e event.UpdateEvent, q ruleQueue) {
+	if e.ObjectOld == nil || e.ObjectNew == nil || e.ObjectOld.GetGeneration() != e.ObjectNew.GetGeneration() {
+		h.generationChanged(e.ObjectNew, q)
+		return
+	}
+	h.statusOnly(e.ObjectNew)
+}
+
+func (h ruleEvents) Delete(_ context.Context, e event.DeleteEvent, q ruleQueue) {
+	h.generationChanged(e.Object, q)
+}
+
+func (h ruleEvents) Generic(_ context.Context, e event.GenericEvent, q ruleQueue) {
+	h.generationChanged(e.Object, q)
+}
+
+func objectVersion(o client.Object) uint64 {
+	if o == nil {
+		return 0
+	}
+	return resourceVersion(o.GetResourceVersion())
+}
+
+// generationChanged records a change the snapshot must take in, then
+// enqueues the Reconcile that will (in this order: see coverage).
+func (h ruleEvents) generationChanged(o client.Object, q ruleQueue) {
+	v := objectVersion(o)
+	c := &h.d.cov
+	c.mu.Lock()
+	c.handled = max(c.handled, v)
+	if v > c.covered {
+		c.dirty = max(c.dirty, v)
+	}
+	c.mu.Unlock()
+	q.Add(everything)
+}
+
+// statusOnly covers a change no snapshot takes in, at once when no
+// generation-changing event is waiting, else once they are served.
+func (h ruleEvents) statusOnly(o client.Object) {
+	v := objectVersion(o)
+	c := &h.d.cov
+	c.mu.Lock()
+	c.handled = max(c.handled, v)
+	advanced := false
+	if c.dirty <= c.covered {
+		if v > c.covered {
+			c.covered, advanced = v, true
+		}
+	} else {
+		c.held = max(c.held, v)
+	}
+	c.mu.Unlock()
+	if advanced {
+		h.d.publish()
+	}
+}
+
+// reconcileStarts reads, before a Reconcile lists the rules, the version
+// that Reconcile will cover once it has applied what it lists.
+func (c *coverage) reconcileStarts() uint64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.handled
+}
+
+// applied records that the snapshot applied serves every rule change up to
+// v, and folds in the held-back status updates when nothing waits any more.
+// It reports whether covered grew.
+func (c *coverage) applied(v uint64) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	before := c.covered
+	c.covered = max(c.covered, v)
+	if c.dirty <= c.covered {
+		c.covered = max(c.covered, c.held)
+		c.held = 0
+	}
+	return c.covered != before
 }
 
 // notify queues key for the controller role. It never blocks: probe
@@ -150,8 +328,10 @@ func (d *Dataplane) SetupWithManager(mgr ctrl.Manager) error {
 	return ctrl.NewControllerManagedBy(mgr).
 		Named("dataplane").
 		WithOptions(controller.Options{NeedLeaderElection: &notLeaderElected, MaxConcurrentReconciles: 1}).
-		// Status writes and our own frontends change no snapshot.
-		Watches(&lbv1alpha1.LoadBalancerRule{}, all, builder.WithPredicates(predicate.GenerationChangedPredicate{})).
+		// Status writes change no snapshot: ruleEvents enqueues only
+		// generation changes, and keeps Covered moving past status writes.
+		Watches(&lbv1alpha1.LoadBalancerRule{}, ruleEvents{d}).
+		// Our own frontends change no snapshot either.
 		Watches(&corev1.Service{}, all, builder.WithPredicates(notFrontend)).
 		Watches(&discoveryv1.EndpointSlice{}, all, builder.WithPredicates(notFrontend)).
 		// One reconcile at start even when there is no object at all, so the
@@ -171,9 +351,14 @@ var notFrontend = predicate.NewPredicateFuncs(func(o client.Object) bool { retur
 func (d *Dataplane) Reconcile(ctx context.Context, _ reconcile.Request) (reconcile.Result, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	// Read before listing: the cache holds every rule change up to it.
+	covers := d.cov.reconcileStarts()
 	var rules lbv1alpha1.LoadBalancerRuleList
 	if err := d.Client.List(ctx, &rules, client.UnsafeDisableDeepCopy); err != nil {
 		return reconcile.Result{}, err
+	}
+	for i := range rules.Items {
+		covers = max(covers, resourceVersion(rules.Items[i].ResourceVersion))
 	}
 	var services corev1.ServiceList
 	if err := d.Client.List(ctx, &services, client.UnsafeDisableDeepCopy); err != nil {
@@ -218,6 +403,10 @@ func (d *Dataplane) Reconcile(ctx context.Context, _ reconcile.Request) (reconci
 		next.ListenErrors = prev.ListenErrors
 	}
 	d.state.Store(next)
+	// What was listed is served (applied now, or unchanged).
+	if d.cov.applied(covers) || next.Version != prev.Version || !maps.Equal(next.ListenErrors, prev.ListenErrors) {
+		d.publish()
+	}
 	var res reconcile.Result
 	if len(next.ListenErrors) > 0 {
 		// A frontend port may free up without any object changing.
