@@ -19,6 +19,7 @@ import (
 
 	"github.com/go-logr/logr"
 
+	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
@@ -77,6 +78,7 @@ type managerOptions struct {
 	drainTimeout     time.Duration
 	shutdownTimeout  time.Duration
 	shutdownDelay    time.Duration
+	reportInterval   time.Duration
 	limits           proxy.Options
 	zap              zap.Options
 }
@@ -109,6 +111,8 @@ func parseManagerFlags(args []string) (*managerOptions, *flag.FlagSet, error) {
 		"on SIGTERM, how long to wait (still serving, no longer ready) until no frontend EndpointSlice lists this replica; skipped outside a cluster")
 	fs.DurationVar(&o.shutdownDelay, "shutdown-delay", defaultShutdownDelay,
 		"on SIGTERM, how long to go on serving once no frontend lists this replica, so kube-proxy on every node has caught up (default 0 outside a cluster)")
+	fs.DurationVar(&o.reportInterval, "report-interval", controllers.DefaultReportInterval,
+		"least time between two writes of this replica's report Lease (what its dataplane serves, which rule status speaks for); changes in between are coalesced")
 	bindLimitFlags(fs, &o.limits)
 	// --kubeconfig is registered on the global flag set by controller-runtime.
 	if f := flag.CommandLine.Lookup("kubeconfig"); f != nil {
@@ -160,21 +164,32 @@ func runManager(args []string) int {
 		log.Error(err, "--dataplane-pod-selector")
 		return 2
 	}
+	if o.reportInterval <= 0 {
+		log.Error(errors.New("must be positive"), "--report-interval", "value", o.reportInterval.String())
+		return 2
+	}
 	local := o.podNamespace == ""
 	leaderNS := o.leaderElectionNS
 	if leaderNS == "" {
 		leaderNS = o.podNamespace
 	}
+	replica, reportNS := reportIdentity(o, bind)
 	// Managed fields are never read here; dropping them halves what the cache holds.
-	cacheOpts := cache.Options{DefaultTransform: cache.TransformStripManagedFields()}
+	cacheOpts := cache.Options{DefaultTransform: cache.TransformStripManagedFields(), ByObject: map[client.Object]cache.ByObject{
+		// Only the replicas' report Leases, not every Lease in the cluster.
+		// The leader-election Lease is not read through the cache:
+		// controller-runtime's resource lock has a client of its own.
+		&coordinationv1.Lease{}: {
+			Namespaces: map[string]cache.Config{reportNS: {}},
+			Label:      labels.SelectorFromSet(labels.Set{controllers.LabelReport: "true"}),
+		},
+	}}
 	if !local {
 		// Only our own pods: the dataplane replicas.
-		cacheOpts.ByObject = map[client.Object]cache.ByObject{
-			&corev1.Pod{}: {Namespaces: map[string]cache.Config{o.podNamespace: {}}, Label: selector},
-			// Nodes are read as metadata only, for their zone label; the
-			// cache keeps nothing else of them.
-			controllers.NodeMetadata(): {Transform: controllers.TrimNode},
-		}
+		cacheOpts.ByObject[&corev1.Pod{}] = cache.ByObject{Namespaces: map[string]cache.Config{o.podNamespace: {}}, Label: selector}
+		// Nodes are read as metadata only, for their zone label; the
+		// cache keeps nothing else of them.
+		cacheOpts.ByObject[controllers.NodeMetadata()] = cache.ByObject{Transform: controllers.TrimNode}
 	}
 	metricsOpts := metricsserver.Options{BindAddress: o.metricsAddr}
 	if o.metricsSecure {
@@ -231,6 +246,17 @@ func runManager(args []string) int {
 		log.Error(err, "set up the dataplane role")
 		return 1
 	}
+	// Every replica publishes what its dataplane serves, for the controller
+	// role's status to speak for every replica.
+	reporter := &controllers.Reporter{
+		Client: mgr.GetClient(), Reader: mgr.GetAPIReader(), Dataplane: dp, Healthy: p.Healthy,
+		Replica: replica, Namespace: reportNS, Address: bind.String(), Interval: o.reportInterval,
+		Log: ctrl.Log.WithName("report"),
+	}
+	if err := mgr.Add(reporter); err != nil {
+		log.Error(err, "set up the dataplane report")
+		return 1
+	}
 	if o.runController {
 		endpoints := controllers.ReadyPodEndpoints(mgr.GetClient(), o.podNamespace, selector)
 		if local {
@@ -252,7 +278,8 @@ func runManager(args []string) int {
 		}
 	}
 
-	log.Info("starting manager", "leaderElect", o.leaderElect, "controller", o.runController, "bind", bind.String(), "local", local)
+	log.Info("starting manager", "leaderElect", o.leaderElect, "controller", o.runController, "bind", bind.String(), "local", local,
+		"replica", replica, "report", reportNS+"/"+reporter.LeaseName())
 	// The signals are ours, not ctrl.SetupSignalHandler's: the manager (and
 	// with it the controller role and the leader Lease) must keep running
 	// while this replica leaves the frontends.
@@ -276,8 +303,11 @@ func runManager(args []string) int {
 			os.Exit(1)
 		}()
 		leaveFrontends(ctrl.Log.WithName("shutdown"), sig, o, mgr.GetClient(), readiness, bind, local, stopped)
-		stopManager()
 	}
+	// Step 4 begins: this replica stops serving, so it stops counting for
+	// rule status first (a replica that is killed leaves its Lease to expire).
+	leaveReports(ctrl.Log.WithName("shutdown"), reporter)
+	stopManager()
 	stopStart := time.Now()
 	<-stopped
 	managerStop := time.Since(stopStart)
@@ -346,6 +376,48 @@ func leaveFrontends(log logr.Logger, sig os.Signal, o *managerOptions, c client.
 	case <-stopped:
 		log.Info("step 3/4: the manager stopped during --shutdown-delay", "took", time.Since(start).Round(time.Millisecond).String())
 	}
+}
+
+// reportLeaveTimeout bounds the deletion of the report Lease on shutdown.
+const reportLeaveTimeout = 3 * time.Second
+
+// leaveReports stops the replica's reports and deletes its Lease, with a
+// context of its own: the manager's may be gone already.
+func leaveReports(log logr.Logger, reporter *controllers.Reporter) {
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), reportLeaveTimeout)
+	defer cancel()
+	took := func() string { return time.Since(start).Round(time.Millisecond).String() }
+	if err := reporter.Leave(ctx); err != nil {
+		log.Error(err, "step 4/4: could not delete the report Lease; it expires on its own",
+			"lease", reporter.Namespace+"/"+reporter.LeaseName(), "took", took())
+		return
+	}
+	log.Info("step 4/4: report Lease deleted: this replica no longer counts for rule status",
+		"lease", reporter.Namespace+"/"+reporter.LeaseName(), "took", took())
+}
+
+// reportIdentity names this replica and the namespace of its report Lease:
+// in a cluster its pod ($POD_NAME, else the hostname, which is the pod's
+// name) in the pod's namespace; outside one its bind address, in
+// --leader-election-namespace (or "default").
+func reportIdentity(o *managerOptions, bind netip.Addr) (replica, namespace string) {
+	if o.podNamespace == "" {
+		namespace = o.leaderElectionNS
+		if namespace == "" {
+			namespace = "default"
+		}
+		return bind.String(), namespace
+	}
+	replica = os.Getenv("POD_NAME")
+	if replica == "" {
+		if h, err := os.Hostname(); err == nil && h != "" {
+			replica = h
+		} else {
+			replica = bind.String()
+		}
+	}
+	return replica, o.podNamespace
 }
 
 func isClosed(c <-chan struct{}) bool {

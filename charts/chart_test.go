@@ -312,8 +312,8 @@ func TestTemplateDefaults(t *testing.T) {
 			env[e.Name] = e.ValueFrom.FieldRef.FieldPath
 		}
 	}
-	if env["POD_IP"] != "status.podIP" || env["POD_NAMESPACE"] != "metadata.namespace" {
-		t.Errorf("downward-API env = %v, want POD_IP=status.podIP and POD_NAMESPACE=metadata.namespace", env)
+	if env["POD_IP"] != "status.podIP" || env["POD_NAMESPACE"] != "metadata.namespace" || env["POD_NAME"] != "metadata.name" {
+		t.Errorf("downward-API env = %v, want POD_IP=status.podIP, POD_NAMESPACE=metadata.namespace and POD_NAME=metadata.name", env)
 	}
 	ports := map[string]int32{}
 	for _, p := range c.Ports {
