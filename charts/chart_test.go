@@ -749,7 +749,7 @@ func checkManagerWithChartRBAC(ctx context.Context, t *testing.T, cfg *rest.Conf
 	}
 	var logs testenv.Output
 	cmd := exec.Command(bin, args...)
-	cmd.Env = append(os.Environ(), "POD_NAMESPACE="+namespace, "POD_IP=127.0.0.1")
+	cmd.Env = append(os.Environ(), "POD_NAMESPACE="+namespace, "POD_IP=127.0.0.1", "POD_NAME=stickylb-test-0")
 	cmd.Stdout, cmd.Stderr = &logs, &logs
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -771,6 +771,20 @@ func checkManagerWithChartRBAC(ctx context.Context, t *testing.T, cfg *rest.Conf
 		}
 		if ctx.Err() != nil {
 			t.Fatalf("the manager never took the leader Lease (err %v)", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+
+	// So does the replica's report Lease, written and watched (the cache
+	// holds only report Leases of the release namespace) with the Role.
+	for {
+		var report coordinationv1.Lease
+		err := k8s.Get(ctx, client.ObjectKey{Namespace: namespace, Name: "stickylb-dataplane-stickylb-test-0"}, &report)
+		if err == nil && report.Spec.HolderIdentity != nil && *report.Spec.HolderIdentity == "stickylb-test-0" {
+			break
+		}
+		if ctx.Err() != nil {
+			t.Fatalf("the manager never wrote its report Lease (err %v)", err)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
