@@ -264,9 +264,16 @@ func runManager(args []string) int {
 				return []controllers.DataplaneEndpoint{{Address: bind}}, nil
 			}
 		}
+		// Status speaks for every replica that counts: in a cluster the
+		// frontends' endpoints, outside one every manager with a fresh report.
+		counted := endpoints
+		if local {
+			counted = nil
+		}
 		rr := &controllers.RuleReconciler{
 			Client: mgr.GetClient(), Recorder: mgr.GetEventRecorderFor("stickylb"), Dataplane: dp,
 			Healthy: p.Healthy, DataplaneEndpoints: endpoints, Local: local,
+			Replicas: controllers.NewReplicas(mgr.GetClient(), reportNS, counted),
 		}
 		var extra []func(*ctrl.Builder) *ctrl.Builder
 		if !local {

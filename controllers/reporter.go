@@ -22,9 +22,11 @@ const (
 	// DefaultReportHeartbeat is how often a report is renewed when nothing
 	// changes; ReportLeaseDuration lets the controller drop a replica that
 	// died without a word after missing about three.
-	DefaultReportHeartbeat = 10 * time.Second
-	// ReportLeaseDuration is the report Lease's leaseDurationSeconds.
-	ReportLeaseDuration = 30 * time.Second
+	DefaultReportHeartbeat = 5 * time.Second
+	// ReportLeaseDuration is the report Lease's leaseDurationSeconds, as
+	// long as the leader election's: a killed leader's report expires about
+	// when its successor takes over.
+	ReportLeaseDuration = 15 * time.Second
 	// reportRetries bounds the conflicts one write goes through.
 	reportRetries = 5
 )

@@ -5,7 +5,9 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"strings"
 
+	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -19,6 +21,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/event"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
+	"sigs.k8s.io/controller-runtime/pkg/manager"
 	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 	"sigs.k8s.io/controller-runtime/pkg/source"
@@ -44,6 +47,9 @@ type RuleReconciler struct {
 	// Local is set when the manager runs outside a cluster: the dataplane's
 	// bind address is then the frontend address reported.
 	Local bool
+	// Replicas, when set, makes Programmed and the healthy count speak for
+	// every dataplane replica that counts (their reports), not only this one.
+	Replicas *Replicas
 }
 
 // SetupWithManager watches rules, the dataplane's changes and the frontend
@@ -54,6 +60,13 @@ func (r *RuleReconciler) SetupWithManager(mgr ctrl.Manager, extra ...func(*ctrl.
 		For(&lbv1alpha1.LoadBalancerRule{}).
 		WatchesRawSource(source.Channel(r.Dataplane.Changes(), &handler.EnqueueRequestForObject{})).
 		Watches(&corev1.Service{}, handler.EnqueueRequestsFromMapFunc(r.rulesOfFrontendService))
+	if r.Replicas != nil {
+		b = b.WatchesRawSource(source.Channel(r.Replicas.Changes(), &handler.EnqueueRequestForObject{})).
+			Watches(&coordinationv1.Lease{}, r.Replicas.handler(), builder.WithPredicates(isReport))
+		if err := mgr.Add(manager.RunnableFunc(r.Replicas.Expire)); err != nil {
+			return err
+		}
+	}
 	for _, e := range extra {
 		b = e(b)
 	}
@@ -79,6 +92,9 @@ func (r *RuleReconciler) Reconcile(ctx context.Context, req reconcile.Request) (
 	var rule lbv1alpha1.LoadBalancerRule
 	err := r.Client.Get(ctx, req.NamespacedName, &rule)
 	if apierrors.IsNotFound(err) {
+		if r.Replicas != nil {
+			r.Replicas.Forget(req.NamespacedName)
+		}
 		// A deleted rule may leave a frontend with no rule; tidy the namespace.
 		return reconcile.Result{}, r.syncFrontends(ctx, req.Namespace, "")
 	}
@@ -96,7 +112,15 @@ func (r *RuleReconciler) Reconcile(ctx context.Context, req reconcile.Request) (
 		return reconcile.Result{}, err
 	}
 	res := state.Results[req.NamespacedName]
-	status := r.desiredStatus(&rule, res, state.ListenErrors[req.NamespacedName])
+	var serving *Serving
+	if r.Replicas != nil && res.Accepted {
+		s, err := r.Replicas.Serving(ctx, req.NamespacedName, rule.Generation, rule.ResourceVersion)
+		if err != nil {
+			return reconcile.Result{}, err
+		}
+		serving = &s
+	}
+	status := r.desiredStatus(&rule, res, state.ListenErrors[req.NamespacedName], serving)
 	status.Frontend.Addresses = frontendAddresses(svc, r.Dataplane.Bind, r.Local)
 	if !res.Accepted {
 		status.Frontend.Addresses = nil
@@ -113,8 +137,10 @@ func (r *RuleReconciler) Reconcile(ctx context.Context, req reconcile.Request) (
 	return reconcile.Result{}, nil
 }
 
-// desiredStatus computes the rule's status for its current generation.
-func (r *RuleReconciler) desiredStatus(rule *lbv1alpha1.LoadBalancerRule, res translate.Result, listenErr string) lbv1alpha1.LoadBalancerRuleStatus {
+// desiredStatus computes the rule's status for its current generation, from
+// this replica's translation and what every replica serves (serving; nil
+// when only this replica counts).
+func (r *RuleReconciler) desiredStatus(rule *lbv1alpha1.LoadBalancerRule, res translate.Result, listenErr string, serving *Serving) lbv1alpha1.LoadBalancerRuleStatus {
 	st := *rule.Status.DeepCopy()
 	st.ObservedGeneration = rule.Generation
 	set := func(t lbv1alpha1.ConditionType, ok bool, reason lbv1alpha1.ConditionReason, msg string) {
@@ -148,9 +174,21 @@ func (r *RuleReconciler) desiredStatus(rule *lbv1alpha1.LoadBalancerRule, res tr
 	if res.Accepted && r.Healthy != nil {
 		healthy, served = r.Healthy(rule.Namespace + "/" + rule.Name)
 	}
+	healthyNote := ""
 	switch {
 	case !res.Accepted:
 		set(lbv1alpha1.ConditionProgrammed, false, lbv1alpha1.ReasonPending, "not programmed: the rule is not accepted")
+	case serving != nil:
+		ok, reason, msg := serving.programmed(rule.Generation)
+		set(lbv1alpha1.ConditionProgrammed, ok, lbv1alpha1.ConditionReason(reason), msg)
+		// The lowest healthy count any replica sees is what a client may get.
+		if low := res.Ready - serving.MaxDown; serving.MaxDown > 0 && (!served || int32(healthy) > low) {
+			healthy, served = int(max(low, 0)), true
+		}
+		if serving.MaxDown > 0 && len(serving.DownOn) < serving.Replicas {
+			healthyNote = fmt.Sprintf(" (the lowest count of %d replicas: %s see %d down that others see up)",
+				serving.Replicas, strings.Join(serving.DownOn, ", "), serving.MaxDown)
+		}
 	case listenErr != "":
 		set(lbv1alpha1.ConditionProgrammed, false, lbv1alpha1.ReasonListenFailed, listenErr)
 	case !served:
@@ -170,9 +208,9 @@ func (r *RuleReconciler) desiredStatus(rule *lbv1alpha1.LoadBalancerRule, res tr
 		set(lbv1alpha1.ConditionReady, false, lbv1alpha1.ReasonNotProgrammed, "the dataplane does not serve this generation")
 	case healthy == 0:
 		set(lbv1alpha1.ConditionReady, false, lbv1alpha1.ReasonNoHealthyBackends,
-			fmt.Sprintf("none of %d backends is ready and passing its probe", res.Total))
+			fmt.Sprintf("none of %d backends is ready and passing its probe%s", res.Total, healthyNote))
 	default:
-		set(lbv1alpha1.ConditionReady, true, lbv1alpha1.ReasonReady, fmt.Sprintf("%d of %d backends healthy", healthy, res.Total))
+		set(lbv1alpha1.ConditionReady, true, lbv1alpha1.ReasonReady, fmt.Sprintf("%d of %d backends healthy%s", healthy, res.Total, healthyNote))
 	}
 	slices.SortFunc(st.Conditions, func(a, b metav1.Condition) int { return cmp.Compare(conditionOrder(a.Type), conditionOrder(b.Type)) })
 	return st

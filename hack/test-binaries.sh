@@ -76,7 +76,7 @@ build_kubernetes() {
 	local ldflags="-s -w -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$(echo "$KUBERNETES_VERSION" | cut -d. -f2) -X $pkg.gitTreeState=clean"
 	local pkgs=()
 	for t in "${tools[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$t"); done
-	log "building ${tools[*]} $KUBERNETES_VERSION in one go build (the node group takes 15-20 minutes on 2 cores the first time)"
+	log "building ${tools[*]} $KUBERNETES_VERSION in one go build (several minutes the first time)"
 	rm -rf "$out" && mkdir -p "$out"
 	(cd "$d" && go build -ldflags "$ldflags" -o "$out/" "${pkgs[@]}")
 	for t in "${tools[@]}"; do

@@ -68,9 +68,9 @@ func setPodReady(t *testing.T, p *corev1.Pod, ready bool) {
 
 // clusterStickylb runs stickylb as the replica of pod ns/podName with IP
 // bind, leader-elected on a Lease in ns.
-func clusterStickylb(t *testing.T, ns string, bind netip.Addr, args ...string) *process {
+func clusterStickylb(t *testing.T, ns, podName string, bind netip.Addr, args ...string) *process {
 	t.Helper()
-	return startStickylbWith(t, bind.String(), []string{"POD_NAMESPACE=" + ns, "POD_IP=" + bind.String()},
+	return startStickylbWith(t, bind.String(), []string{"POD_NAMESPACE=" + ns, "POD_NAME=" + podName, "POD_IP=" + bind.String()},
 		append([]string{"--leader-elect", "--leader-election-namespace", ns}, args...)...)
 }
 
@@ -142,7 +142,7 @@ func TestSIGTERMLeavesFrontendsBeforeClosing(t *testing.T) {
 	if err := k8s.Create(ctx, rule); err != nil {
 		t.Fatal(err)
 	}
-	p := clusterStickylb(t, ns, podIP, "--shutdown-timeout=20s", "--shutdown-delay=1s", "--drain-timeout=2s")
+	p := clusterStickylb(t, ns, pod.Name, podIP, "--shutdown-timeout=20s", "--shutdown-delay=1s", "--drain-timeout=2s")
 	waitReady(t, ns, "web")
 	p.waitServing(t, port)
 
@@ -236,7 +236,7 @@ func TestSIGTERMShutdownTimeoutAndSecondSignal(t *testing.T) {
 	t.Run("timeout", func(t *testing.T) {
 		ip := netip.MustParseAddr("10.1.9.2")
 		stale(ip)
-		p := clusterStickylb(t, ns, ip, "--shutdown-timeout=2s", "--shutdown-delay=500ms", "--drain-timeout=1s")
+		p := clusterStickylb(t, ns, "stickylb-timeout", ip, "--shutdown-timeout=2s", "--shutdown-delay=500ms", "--drain-timeout=1s")
 		start := time.Now()
 		if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 			t.Fatal(err)
@@ -253,7 +253,7 @@ func TestSIGTERMShutdownTimeoutAndSecondSignal(t *testing.T) {
 	t.Run("second signal", func(t *testing.T) {
 		ip := netip.MustParseAddr("10.1.9.3")
 		stale(ip)
-		p := clusterStickylb(t, ns, ip, "--shutdown-timeout=60s", "--drain-timeout=1s")
+		p := clusterStickylb(t, ns, "stickylb-second-signal", ip, "--shutdown-timeout=60s", "--drain-timeout=1s")
 		if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 			t.Fatal(err)
 		}
