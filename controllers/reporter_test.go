@@ -4,8 +4,10 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -19,8 +21,11 @@ import (
 	"k8s.io/apimachinery/pkg/util/validation"
 	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/util/retry"
+	"k8s.io/client-go/util/workqueue"
 	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/event"
+	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	lbv1alpha1 "github.com/stickylb/stickylb/api/v1alpha1"
 	"github.com/stickylb/stickylb/dataplane/translate"
@@ -561,5 +566,104 @@ func TestReporterLeavesOthersAlone(t *testing.T) {
 	}
 	if _, _, err := reportLease(ns, replica); apierrors.IsNotFound(err) {
 		t.Error("Leave deleted another replica's Lease")
+	}
+}
+
+// TestCoverageModel drives the coverage bookkeeping through random
+// interleavings of what runs concurrently in the manager: the informer
+// writing events into its cache, the dataplane's handler receiving them (in
+// order, later), and reconciles that list the cache and apply. Covered must
+// never pass a generation change no finished reconcile has applied, and
+// must reach the last version once a reconcile follows the last event.
+func TestCoverageModel(t *testing.T) {
+	for seed := range int64(300) {
+		rnd := rand.New(rand.NewPCG(uint64(seed), 0))
+		d := NewDataplane(nil, nil, netip.Addr{}, logr.Discard())
+		h := ruleEvents{d}
+		q := workqueue.NewTypedRateLimitingQueue(workqueue.DefaultTypedControllerRateLimiter[reconcile.Request]())
+		const n = 60
+		gen := make([]bool, n+1) // gen[v]: the event at version v changes a generation
+		for v := 1; v <= n; v++ {
+			gen[v] = rnd.IntN(3) == 0
+		}
+		rule := func(v int, generation int64) *lbv1alpha1.LoadBalancerRule {
+			r := &lbv1alpha1.LoadBalancerRule{}
+			r.ResourceVersion, r.Generation = fmt.Sprint(v), generation
+			return r
+		}
+		var (
+			cached, delivered int // events in the cache, and handed to the handler
+			generation        int64
+			applied           int // the cache position the last finished reconcile listed
+			running           bool
+			start, listed     uint64
+		)
+		truth := func() uint64 {
+			// Every change up to the first generation change that no
+			// finished reconcile listed, exclusive, is served.
+			for v := applied + 1; v <= delivered || v <= cached; v++ {
+				if gen[v] {
+					return uint64(v - 1)
+				}
+			}
+			return ^uint64(0)
+		}
+		deliver := func() {
+			delivered++
+			v := delivered
+			switch {
+			case gen[v] && rnd.IntN(4) == 0:
+				h.Delete(context.Background(), event.DeleteEvent{Object: rule(v, generation)}, q)
+			case gen[v]:
+				generation++
+				h.Update(context.Background(), event.UpdateEvent{ObjectOld: rule(v-1, generation-1), ObjectNew: rule(v, generation)}, q)
+			default:
+				h.Update(context.Background(), event.UpdateEvent{ObjectOld: rule(v-1, generation), ObjectNew: rule(v, generation)}, q)
+			}
+		}
+		finish := func() {
+			d.cov.applied(max(start, listed))
+			applied = int(listed)
+			running = false
+		}
+		for delivered < n {
+			switch rnd.IntN(4) {
+			case 0:
+				if cached < n {
+					cached++
+				}
+			case 1:
+				if delivered < cached {
+					deliver()
+				}
+			case 2:
+				if !running {
+					// Read handled, then list: the cache may be ahead of the
+					// handler, never behind.
+					start = d.cov.reconcileStarts()
+					listed, running = uint64(cached), true
+				}
+			case 3:
+				if running {
+					finish()
+				}
+			}
+			if c := d.Covered(); c > truth() {
+				t.Fatalf("seed %d: covered %d passes a generation change not applied (applied up to %d, cached %d, delivered %d)",
+					seed, c, applied, cached, delivered)
+			}
+		}
+		if running {
+			finish()
+		}
+		if q.Len() == 0 && slices.Contains(gen[1:], true) {
+			t.Fatalf("seed %d: generation changes queued no reconcile", seed)
+		}
+		start = d.cov.reconcileStarts()
+		listed = uint64(cached)
+		finish()
+		if c := d.Covered(); c != n {
+			t.Fatalf("seed %d: covered %d after a reconcile that followed every event, want %d", seed, c, n)
+		}
 	}
 }
