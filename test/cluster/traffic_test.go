@@ -2,17 +2,23 @@ package cluster
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net"
 	"net/netip"
+	"os"
+	"runtime"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/stickylb/stickylb/internal/cluster"
 )
@@ -163,4 +169,60 @@ func errorText(err error) string {
 		return op.Op + ": " + op.Err.Error()
 	}
 	return err.Error()
+}
+
+// listenInPod holds port on the pod's address, inside the pod's network
+// namespace: what another process of the pod taking the port would do. The
+// pod is found by the POD_NAME the chart gives its container.
+func listenInPod(pod string, addr netip.AddrPort) (net.Listener, error) {
+	pid, err := podProcess(pod)
+	if err != nil {
+		return nil, err
+	}
+	target, err := os.Open(fmt.Sprintf("/proc/%d/ns/net", pid))
+	if err != nil {
+		return nil, err
+	}
+	defer target.Close()
+	// Only this goroutine's thread enters the pod's namespace; the socket
+	// stays there when the thread comes back.
+	runtime.LockOSThread()
+	own, err := os.Open("/proc/thread-self/ns/net")
+	if err != nil {
+		runtime.UnlockOSThread()
+		return nil, err
+	}
+	defer own.Close()
+	if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
+		runtime.UnlockOSThread()
+		return nil, fmt.Errorf("enter the network namespace of %s: %w", pod, err)
+	}
+	l, lerr := net.Listen("tcp", addr.String())
+	if err := unix.Setns(int(own.Fd()), unix.CLONE_NEWNET); err != nil {
+		// A thread stuck in the pod's namespace must not run anything else:
+		// left locked, it ends with this goroutine.
+		return l, fmt.Errorf("leave the network namespace of %s: %w", pod, err)
+	}
+	runtime.UnlockOSThread()
+	return l, lerr
+}
+
+// podProcess finds a process of the pod's container by its POD_NAME.
+func podProcess(pod string) (int, error) {
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		return 0, err
+	}
+	want := []byte("POD_NAME=" + pod + "\x00")
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		env, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid))
+		if err == nil && bytes.Contains(env, want) {
+			return pid, nil
+		}
+	}
+	return 0, fmt.Errorf("no process of pod %s", pod)
 }

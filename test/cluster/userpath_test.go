@@ -15,6 +15,8 @@ import (
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	utilruntime "k8s.io/apimachinery/pkg/util/runtime"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
@@ -191,6 +193,55 @@ func TestUserPath(t *testing.T) {
 		}},
 		{"clients stick to one pod through ClusterIP, NodePort and every replica", func(t *testing.T) {
 			stickyEverywhere(t, k8s, fe)
+		}},
+		{"Programmed speaks for both stickylb pods", func(t *testing.T) {
+			var r lbv1alpha1.LoadBalancerRule
+			get(t, k8s, appNS, ruleName, &r)
+			if c := meta.FindStatusCondition(r.Status.Conditions, string(lbv1alpha1.ConditionProgrammed)); c == nil || c.Message != "2 of 2 replicas serve generation 1" {
+				t.Errorf("Programmed %+v, want both replicas counted", c)
+			}
+			// Another rule, on a port a process of one stickylb pod holds.
+			pod := stickylbPods(t, k8s)[1]
+			at := addrPort(t, pod.Status.PodIP, 81)
+			l, err := listenInPod(pod.Name, at)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer l.Close()
+			other := strings.NewReplacer("name: web\n  namespace", "name: web-81\n  namespace", "    port: 80\n", "    port: 81\n").Replace(rule)
+			kubectl(t, other, "apply", "-f", "-")
+			defer kubectl(t, "", "-n", appNS, "delete", "lbr", "web-81")
+			var c *metav1.Condition
+			eventually(t, time.Minute, "ListenFailed naming the pod", func() error {
+				get(t, k8s, appNS, "web-81", &r)
+				c = meta.FindStatusCondition(r.Status.Conditions, string(lbv1alpha1.ConditionProgrammed))
+				if c == nil || c.Reason != string(lbv1alpha1.ReasonListenFailed) {
+					return fmt.Errorf("Programmed %+v", c)
+				}
+				return nil
+			})
+			want := fmt.Sprintf("1 of 2 replicas cannot serve: %s (%s): ", pod.Status.PodIP, pod.Name)
+			if !strings.HasPrefix(c.Message, want) || !strings.Contains(c.Message, "address already in use") {
+				t.Errorf("message %q, want it to start %q and say why", c.Message, want)
+			}
+			if meta.IsStatusConditionTrue(r.Status.Conditions, string(lbv1alpha1.ConditionReady)) {
+				t.Errorf("Ready while %s cannot serve", pod.Name)
+			}
+			l.Close()
+			start := time.Now()
+			eventually(t, time.Minute, "Programmed once the port is free", func() error {
+				get(t, k8s, appNS, "web-81", &r)
+				if c := meta.FindStatusCondition(r.Status.Conditions, string(lbv1alpha1.ConditionReady)); c == nil || c.Status != metav1.ConditionTrue {
+					return fmt.Errorf("Ready %+v", c)
+				}
+				return nil
+			})
+			t.Logf("web-81 Ready %v after the port was freed", time.Since(start).Round(100*time.Millisecond))
+			for _, p := range stickylbPods(t, k8s) {
+				if _, err := askTCP(cluster.ClientIP(0), addrPort(t, p.Status.PodIP, 81)); err != nil {
+					t.Errorf("Ready, but %s does not serve port 81: %v", p.Name, err)
+				}
+			}
 		}},
 		{"scale the backends 5 to 7 to 4 under load", func(t *testing.T) {
 			l := startLoad(fe.targets(), 3, 1)
