@@ -240,8 +240,8 @@ func runManager(args []string) int {
 		log.Error(err, "add ready check")
 		return 1
 	}
-	// The dataplane role always runs: the controller role reports what this
-	// replica's dataplane serves (Programmed, healthy counts).
+	// The dataplane role always runs, and reports what it serves: the
+	// controller role (on whichever replica leads) counts every report.
 	if err := dp.SetupWithManager(mgr); err != nil {
 		log.Error(err, "set up the dataplane role")
 		return 1
