@@ -249,7 +249,7 @@ func runManager(args []string) int {
 	// Every replica publishes what its dataplane serves, for the controller
 	// role's status to speak for every replica.
 	reporter := &controllers.Reporter{
-		Client: mgr.GetClient(), Reader: mgr.GetAPIReader(), Dataplane: dp, Healthy: p.Healthy,
+		Client: mgr.GetClient(), Reader: mgr.GetAPIReader(), Dataplane: dp, ProbedDown: p.ProbedDown,
 		Replica: replica, Namespace: reportNS, Address: bind.String(), Interval: o.reportInterval,
 		Log: ctrl.Log.WithName("report"),
 	}

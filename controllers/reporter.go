@@ -47,8 +47,9 @@ type Reporter struct {
 	// uncached reader, such as the manager's APIReader.
 	Reader    client.Reader
 	Dataplane *Dataplane
-	// Healthy is the proxy's healthy count of a served rule ("ns/name").
-	Healthy func(rule string) (int, bool)
+	// ProbedDown is how many of a served rule's ("ns/name") backends the
+	// proxy's probes see down (Proxy.ProbedDown).
+	ProbedDown func(rule string) (int, bool)
 	// Replica names this replica: its pod's name, or its bind address
 	// outside a cluster. Namespace holds the Lease.
 	Replica, Namespace string
@@ -106,21 +107,22 @@ func (r *Reporter) Report() *Report {
 		}
 		rep.Failed[key.String()] = msg
 	}
-	if r.Healthy != nil {
+	if r.ProbedDown != nil {
 		for key, res := range st.Results {
 			if !res.Accepted {
 				continue
 			}
-			healthy, served := r.Healthy(key.String())
-			if !served {
+			// Counted in the proxy's own pool: a ready count from the
+			// translation and a healthy count from the proxy would disagree
+			// for a moment after every EndpointSlice change.
+			down, served := r.ProbedDown(key.String())
+			if !served || down <= 0 {
 				continue
 			}
-			if down := res.Ready - int32(healthy); down > 0 {
-				if rep.Down == nil {
-					rep.Down = map[string]int32{}
-				}
-				rep.Down[key.String()] = down
+			if rep.Down == nil {
+				rep.Down = map[string]int32{}
 			}
+			rep.Down[key.String()] = int32(down)
 		}
 	}
 	return rep

@@ -69,10 +69,10 @@ func TestReportContent(t *testing.T) {
 		ListenErrors: map[types.NamespacedName]string{c: "listen tcp 127.0.0.1:80: bind: address already in use"},
 	})
 	d.cov.applied(42)
-	healthy := map[string]int{"ns/a": 1, "ns/b": 2, "ns/c": 0}
-	r := &Reporter{Dataplane: d, Replica: "r1", Address: "127.0.0.1", Healthy: func(rule string) (int, bool) {
-		h, ok := healthy[rule]
-		return h, ok
+	down := map[string]int{"ns/a": 2, "ns/b": 0, "ns/c": 0}
+	r := &Reporter{Dataplane: d, Replica: "r1", Address: "127.0.0.1", ProbedDown: func(rule string) (int, bool) {
+		n, ok := down[rule]
+		return n, ok
 	}}
 	got := r.Report()
 	want := &Report{Replica: "r1", Address: "127.0.0.1", Snapshot: 7, Covered: 42,
@@ -253,7 +253,7 @@ func waitSettled(t *testing.T) {
 func startReporter(t *testing.T, ns, replica string, interval, heartbeat time.Duration) *Reporter {
 	t.Helper()
 	r := &Reporter{
-		Client: k8s, Reader: k8s, Dataplane: dataplane, Healthy: dpProxy.Healthy,
+		Client: k8s, Reader: k8s, Dataplane: dataplane, ProbedDown: dpProxy.ProbedDown,
 		Replica: replica, Namespace: ns, Address: "127.0.0.1",
 		Interval: interval, Heartbeat: heartbeat, Log: logr.Discard(),
 	}

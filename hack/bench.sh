@@ -65,6 +65,12 @@ else
 	echo "bench: building the envtest binaries failed: no controller benchmarks"
 fi
 
+step "per-replica status: go test -run=NONE -bench=StatusWritesUnderChurn -benchtime=1x ./test/e2e/ (1,000 rules x 2 replicas)"
+if [ -n "${assets:-}" ]; then
+	KUBEBUILDER_ASSETS="$assets" go test -run=NONE -bench=StatusWritesUnderChurn -benchtime=1x -timeout=20m ./test/e2e/ 2>&1 |
+		tee "$tmp/replicas.txt" || echo "bench: the per-replica status benchmark failed"
+fi
+
 # metric BENCHMARK UNIT: the value a benchmark reported in UNIT, if any.
 metric() {
 	[ -s "$tmp/controllers.txt" ] || return 0

@@ -61,11 +61,18 @@ func TestProbeDownStopsNewFlowsAndKeepsEstablishedOnes(t *testing.T) {
 	if got := p.counter(p.metrics.probeStatus.WithLabelValues("default/web", victim.Addr.String())); got != 0 {
 		t.Errorf("health_probe_status = %v, want 0", got)
 	}
+	healthy, _ := p.Healthy("default/web")
+	if down, ok := p.ProbedDown("default/web"); !ok || down != 1 || healthy+down != len(backends) {
+		t.Errorf("ProbedDown = %d (served %v), Healthy = %d: want 1 down of %d", down, ok, healthy, len(backends))
+	}
 
 	victim.Healthy.Store(true)
 	eventually(t, interval*threshold+time.Second, "probe-up brings the backend back", func() bool {
 		return mustBackendOf(t, clientIP(client), port) == victim.Name
 	})
+	if down, _ := p.ProbedDown("default/web"); down != 0 {
+		t.Errorf("ProbedDown = %d after the probe came back up", down)
+	}
 }
 
 func TestAllProbedDown(t *testing.T) {

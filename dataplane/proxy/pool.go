@@ -42,8 +42,9 @@ type pool struct {
 	// present in the snapshot (draining included) and not probed down.
 	alive map[netip.AddrPort]*backend
 	// healthy counts the non-draining backends passing their probe (what
-	// status.backends.healthy reports), even when AllProbedUp serves all.
-	healthy int
+	// status.backends.healthy reports), even when AllProbedUp serves all;
+	// active counts the non-draining backends, passing or not.
+	healthy, active int
 }
 
 // pick returns the client's backend preference order (the primary first),
@@ -153,7 +154,7 @@ func (rs *ruleState) rebuild(status func(health.Target) (up, known bool), m *met
 	for i := range sorted {
 		sorted[i] = byName[table.Backend(i)]
 	}
-	rs.pool.Store(&pool{table: table, picks: sorted, alive: alive, healthy: len(healthy)})
+	rs.pool.Store(&pool{table: table, picks: sorted, alive: alive, healthy: len(healthy), active: len(active)})
 	rs.m.rebuilds.Inc()
 }
 

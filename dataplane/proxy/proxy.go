@@ -201,6 +201,19 @@ func (p *Proxy) Healthy(rule string) (healthy int, ok bool) {
 	return rs.pool.Load().healthy, true
 }
 
+// ProbedDown is how many of a served rule's non-draining backends fail their
+// probe, counted in the same pool as Healthy.
+func (p *Proxy) ProbedDown(rule string) (down int, ok bool) {
+	p.mu.Lock()
+	rs, ok := p.rules[rule]
+	p.mu.Unlock()
+	if !ok {
+		return 0, false
+	}
+	pl := rs.pool.Load()
+	return pl.active - pl.healthy, true
+}
+
 // Version is the version of the snapshot being served (0 before the first Apply).
 func (p *Proxy) Version() uint64 {
 	p.mu.Lock()
