@@ -10,9 +10,13 @@ import (
 
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/utils/ptr"
+
+	lbv1alpha1 "github.com/stickylb/stickylb/api/v1alpha1"
+	"github.com/stickylb/stickylb/dataplane/translate"
 )
 
 // putReport writes a replica's report Lease as the reporter would, renewed
@@ -165,5 +169,26 @@ func TestReportLeaseNames(t *testing.T) {
 		if got := ReportLeaseName(in); got != want {
 			t.Errorf("ReportLeaseName(%q) = %q, want %q", in, got, want)
 		}
+	}
+}
+
+// When replicas disagree on a backend's probe, status reports the lowest
+// healthy count and says which replicas see it down.
+func TestStatusReportsTheLowestHealthyCount(t *testing.T) {
+	r := &RuleReconciler{Healthy: func(string) (int, bool) { return 4, true }}
+	rule := &lbv1alpha1.LoadBalancerRule{ObjectMeta: metav1.ObjectMeta{Namespace: "web", Name: "app", Generation: 2}}
+	res := translate.Result{Accepted: true, ResolvedRefs: true, Total: 4, Ready: 4}
+	st := r.desiredStatus(rule, res, "", &Serving{Replicas: 2, MaxDown: 1, DownOn: []string{"10.1.0.2"}})
+	if st.Backends.Healthy != 3 {
+		t.Errorf("healthy %d, want the lowest count, 3", st.Backends.Healthy)
+	}
+	c := meta.FindStatusCondition(st.Conditions, string(lbv1alpha1.ConditionReady))
+	if want := "3 of 4 backends healthy (the lowest count of 2 replicas: 10.1.0.2 see 1 down that others see up)"; c == nil || c.Message != want {
+		t.Errorf("Ready %+v, want message %q", c, want)
+	}
+	// Every replica sees it down: nothing to point at.
+	st = r.desiredStatus(rule, res, "", &Serving{Replicas: 2, MaxDown: 1, DownOn: []string{"10.1.0.1", "10.1.0.2"}})
+	if c := meta.FindStatusCondition(st.Conditions, string(lbv1alpha1.ConditionReady)); c.Message != "3 of 4 backends healthy" {
+		t.Errorf("all agree: message %q", c.Message)
 	}
 }
