@@ -318,6 +318,58 @@ func TestUserPath(t *testing.T) {
 		{"clients still stick after all of it", func(t *testing.T) {
 			stickyEverywhere(t, k8s, fe)
 		}},
+		{"a crashed replica leaves the frontend as fast as Kubernetes drops it", func(t *testing.T) {
+			// The standby's process is killed outright. Kubernetes' own
+			// EndpointSlice of the chart's metrics Service, which selects the
+			// same pods, says when Kubernetes stops counting it; the
+			// frontend's slice must not list it for longer.
+			leader := leaderPod(t, k8s)
+			var victim corev1.Pod
+			for _, p := range stickylbPods(t, k8s) {
+				if p.Name != leader {
+					victim = p
+				}
+			}
+			pid, err := podProcess(victim.Name)
+			if err != nil {
+				t.Fatal(err)
+			}
+			l := startLoad(fe.targets(), 3, 1)
+			time.Sleep(time.Second)
+			killed := time.Now()
+			if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+				t.Fatal(err)
+			}
+			var frontendDropped, kubernetesDropped time.Duration
+			eventually(t, time.Minute, "both slices drop the crashed replica", func() error {
+				if frontendDropped == 0 && !listsReady(t, k8s, appNS, frontendService, victim.Status.PodIP) {
+					frontendDropped = time.Since(killed)
+				}
+				if kubernetesDropped == 0 && !listsReady(t, k8s, systemNS, release+"-metrics", victim.Status.PodIP) {
+					kubernetesDropped = time.Since(killed)
+				}
+				if frontendDropped == 0 || kubernetesDropped == 0 {
+					return fmt.Errorf("frontend dropped after %v, Kubernetes after %v", frontendDropped, kubernetesDropped)
+				}
+				return nil
+			})
+			// kubelet restarts the container; once Ready it serves again.
+			eventually(t, 2*time.Minute, "the restarted replica back in the frontend", func() error {
+				if !listsReady(t, k8s, appNS, frontendService, victim.Status.PodIP) {
+					return fmt.Errorf("not listed yet")
+				}
+				return nil
+			})
+			back := time.Since(killed)
+			res := l.stop()
+			line := fmt.Sprintf("crash of %s: the frontend dropped it after %v, Kubernetes' own EndpointSlice after %v; back after %v; load %v",
+				victim.Name, frontendDropped.Round(time.Millisecond), kubernetesDropped.Round(time.Millisecond), back.Round(100*time.Millisecond), res)
+			t.Log(line)
+			report = append(report, line)
+			if frontendDropped > kubernetesDropped+time.Second {
+				t.Errorf("the frontend listed the crashed replica %v longer than Kubernetes did", frontendDropped-kubernetesDropped)
+			}
+		}},
 		{"helm uninstall keeps the CRD and the rules; the frontend refuses clients", func(t *testing.T) {
 			start := time.Now()
 			helm(t, "uninstall", release, "-n", systemNS, "--wait", "--timeout", "3m")
@@ -586,6 +638,23 @@ func noRestarts(t testing.TB, c client.Client) {
 			}
 		}
 	}
+}
+
+// listsReady reports whether the Service's EndpointSlices list ip as ready.
+func listsReady(t testing.TB, c client.Client, ns, service, ip string) bool {
+	t.Helper()
+	var list discoveryv1.EndpointSliceList
+	if err := c.List(context.Background(), &list, client.InNamespace(ns), client.MatchingLabels{discoveryv1.LabelServiceName: service}); err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range list.Items {
+		for _, e := range s.Endpoints {
+			if slices.Contains(e.Addresses, ip) && (e.Conditions.Ready == nil || *e.Conditions.Ready) {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // waitHealthy waits until the rule counts n healthy backends.
