@@ -99,6 +99,11 @@ type Rule struct {
 	TCPReset bool
 	// Probe is nil when the rule has no active health check.
 	Probe *Probe
+	// PinTimeout is how long a client's pin outlives its last flow
+	// (sessionPersistenceTimeoutInMinutes). 0 keeps no pins: a client's
+	// backend is the table's pick, recomputed on every pool change (Azure).
+	// Only ClientIP and ClientIPProtocol rules pin.
+	PinTimeout time.Duration
 	// AllProbedUp: when every probed backend is down, send to all of them
 	// (Azure's noHealthyBackendsBehavior AllProbedUp) instead of refusing.
 	AllProbedUp bool
