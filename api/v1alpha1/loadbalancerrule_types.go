@@ -37,6 +37,14 @@ const (
 	SessionPersistenceClientIPProtocol SessionPersistence = "ClientIPProtocol"
 )
 
+// DefaultSessionPersistenceTimeoutInMinutes is how long a ClientIP or
+// ClientIPProtocol rule keeps a client's pin when
+// spec.sessionPersistenceTimeoutInMinutes is unset: three hours, as
+// kube-proxy's ClientIP affinity. It is applied when a rule is translated
+// for the dataplane, not by the schema, because a None rule must leave the
+// field unset or 0.
+const DefaultSessionPersistenceTimeoutInMinutes int32 = 180
+
 // ServiceType is how a frontend is exposed outside the dataplane pods.
 // +kubebuilder:validation:Enum=ClusterIP;NodePort;LoadBalancer
 type ServiceType string
@@ -161,6 +169,7 @@ type Probe struct {
 // LoadBalancerRuleSpec is one Azure-style load-balancing rule: a frontend
 // port, a backend pool and port, and how clients are pinned.
 // +kubebuilder:validation:XValidation:rule="!(self.protocol == 'UDP' && self.enableTcpReset)",message="spec.enableTcpReset applies to TCP flows and cannot be true when spec.protocol is UDP",fieldPath=".enableTcpReset"
+// +kubebuilder:validation:XValidation:rule="self.sessionPersistence != 'None' || !has(self.sessionPersistenceTimeoutInMinutes) || self.sessionPersistenceTimeoutInMinutes == 0",message="spec.sessionPersistenceTimeoutInMinutes applies to ClientIP and ClientIPProtocol and must be unset or 0 when spec.sessionPersistence is None",fieldPath=".sessionPersistenceTimeoutInMinutes"
 type LoadBalancerRuleSpec struct {
 	// Frontend clients connect to.
 	// +required
@@ -184,6 +193,19 @@ type LoadBalancerRuleSpec struct {
 	// +kubebuilder:default=None
 	// +optional
 	SessionPersistence SessionPersistence `json:"sessionPersistence,omitempty"`
+
+	// SessionPersistenceTimeoutInMinutes is how long a client stays pinned to
+	// its backend after its last flow ends, under ClientIP and
+	// ClientIPProtocol. A pinned client keeps its backend, on every dataplane
+	// replica, while that backend takes new flows: adding backends to the
+	// pool does not move it. Unset means 180 (three hours, as kube-proxy's
+	// ClientIP affinity). 0 keeps no pins, as Azure does: each new flow goes
+	// where the current pool sends the client, so a change to the pool may
+	// move it. Must be unset or 0 when sessionPersistence is None.
+	// +kubebuilder:validation:Minimum=0
+	// +kubebuilder:validation:Maximum=1440
+	// +optional
+	SessionPersistenceTimeoutInMinutes *int32 `json:"sessionPersistenceTimeoutInMinutes,omitempty"`
 
 	// IdleTimeoutInMinutes after which an idle TCP flow is closed.
 	// +kubebuilder:default=4

@@ -189,6 +189,17 @@ func TestRejectsMalformedRules(t *testing.T) {
 		{"protocol lowercase", func(r map[string]any) { set(r, "protocol", "tcp") }, []string{"spec.protocol", "Unsupported value"}},
 		{"sessionPersistence SourceIP", func(r map[string]any) { set(r, "sessionPersistence", "SourceIP") }, []string{"spec.sessionPersistence", "Unsupported value"}},
 		{"sessionPersistence empty", func(r map[string]any) { set(r, "sessionPersistence", "") }, []string{"spec.sessionPersistence"}},
+		{"persistence timeout with None", func(r map[string]any) {
+			set(r, "sessionPersistence", "None")
+			set(r, "sessionPersistenceTimeoutInMinutes", 30)
+		}, []string{"spec.sessionPersistenceTimeoutInMinutes", "must be unset or 0 when spec.sessionPersistence is None"}},
+		{"persistence timeout with None by default", func(r map[string]any) {
+			set(r, "sessionPersistence", nil)
+			set(r, "sessionPersistenceTimeoutInMinutes", 1)
+		}, []string{"spec.sessionPersistenceTimeoutInMinutes", "must be unset or 0 when spec.sessionPersistence is None"}},
+		{"persistence timeout 1441", func(r map[string]any) { set(r, "sessionPersistenceTimeoutInMinutes", 1441) }, []string{"spec.sessionPersistenceTimeoutInMinutes", "less than or equal to 1440"}},
+		{"persistence timeout negative", func(r map[string]any) { set(r, "sessionPersistenceTimeoutInMinutes", -1) }, []string{"spec.sessionPersistenceTimeoutInMinutes", "greater than or equal to 0"}},
+		{"persistence timeout string", func(r map[string]any) { set(r, "sessionPersistenceTimeoutInMinutes", "3h") }, []string{"spec.sessionPersistenceTimeoutInMinutes", "must be of type integer"}},
 		{"idle timeout 3", func(r map[string]any) { set(r, "idleTimeoutInMinutes", 3) }, []string{"spec.idleTimeoutInMinutes", "greater than or equal to 4"}},
 		{"idle timeout 101", func(r map[string]any) { set(r, "idleTimeoutInMinutes", 101) }, []string{"spec.idleTimeoutInMinutes", "less than or equal to 100"}},
 		{"enableTcpReset not a bool", func(r map[string]any) { set(r, "enableTcpReset", "yes") }, []string{"spec.enableTcpReset"}},
@@ -299,6 +310,16 @@ func TestAcceptsValidEdgeCases(t *testing.T) {
 		{"All with reset", func(r map[string]any) { set(r, "protocol", "All"); set(r, "enableTcpReset", true) }},
 		{"every persistence mode", func(r map[string]any) { set(r, "sessionPersistence", "ClientIPProtocol") }},
 		{"persistence None", func(r map[string]any) { set(r, "sessionPersistence", "None") }},
+		{"persistence timeout 0 with None", func(r map[string]any) {
+			set(r, "sessionPersistence", "None")
+			set(r, "sessionPersistenceTimeoutInMinutes", 0)
+		}},
+		{"persistence timeout bounds low", func(r map[string]any) { set(r, "sessionPersistenceTimeoutInMinutes", 0) }},
+		{"persistence timeout bounds high", func(r map[string]any) { set(r, "sessionPersistenceTimeoutInMinutes", 1440) }},
+		{"persistence timeout 0 with ClientIPProtocol", func(r map[string]any) {
+			set(r, "sessionPersistence", "ClientIPProtocol")
+			set(r, "sessionPersistenceTimeoutInMinutes", 0)
+		}},
 		{"LoadBalancer frontend", func(r map[string]any) { set(r, "frontend.serviceType", "LoadBalancer") }},
 		{"NodePort frontend", func(r map[string]any) { set(r, "frontend.serviceType", "NodePort") }},
 		{"AllProbedUp", func(r map[string]any) { set(r, "noHealthyBackendsBehavior", "AllProbedUp") }},
@@ -313,6 +334,47 @@ func TestAcceptsValidEdgeCases(t *testing.T) {
 		})
 	}
 }
+
+// TestSessionPersistenceTimeoutReadsBack: the API server stores the field as
+// given. Unset stays unset (no schema default: translation applies 180
+// minutes to ClientIP rules), and 0 stays 0, which is not the same.
+func TestSessionPersistenceTimeoutReadsBack(t *testing.T) {
+	cases := []struct {
+		name        string
+		persistence string
+		minutes     any // nil: unset
+		want        *int32
+	}{
+		{"ClientIP unset", "ClientIP", nil, nil},
+		{"ClientIP 0", "ClientIP", int64(0), ptr(int32(0))},
+		{"ClientIPProtocol 1440", "ClientIPProtocol", int64(1440), ptr(int32(1440))},
+		{"None unset", "None", nil, nil},
+		{"None 0", "None", int64(0), ptr(int32(0))},
+	}
+	for i, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			r := validRule()
+			set(r, "sessionPersistence", tc.persistence)
+			set(r, "sessionPersistenceTimeoutInMinutes", tc.minutes)
+			name := fmt.Sprintf("pin-timeout-%d", i)
+			if err := create(t, name, r); err != nil {
+				t.Fatalf("rejected: %v", err)
+			}
+			var got lbv1alpha1.LoadBalancerRule
+			if err := k8s.Get(context.Background(), client.ObjectKey{Namespace: "default", Name: name}, &got); err != nil {
+				t.Fatal(err)
+			}
+			switch v := got.Spec.SessionPersistenceTimeoutInMinutes; {
+			case tc.want == nil && v != nil:
+				t.Errorf("spec.sessionPersistenceTimeoutInMinutes = %d, want unset", *v)
+			case tc.want != nil && (v == nil || *v != *tc.want):
+				t.Errorf("spec.sessionPersistenceTimeoutInMinutes = %v, want %d", v, *tc.want)
+			}
+		})
+	}
+}
+
+func ptr[T any](v T) *T { return &v }
 
 func TestAcceptsSamples(t *testing.T) {
 	files, err := filepath.Glob(filepath.Join("..", "..", "config", "samples", "*.yaml"))
@@ -384,6 +446,7 @@ func TestDefaultsApplied(t *testing.T) {
 		{"spec.probe.intervalInSeconds", s.Probe.IntervalInSeconds, int32(15)},
 		{"spec.probe.probeThreshold", s.Probe.ProbeThreshold, int32(1)},
 		{"spec.probe.port", s.Probe.Port, (*lbv1alpha1.PortNumber)(nil)},
+		{"spec.sessionPersistenceTimeoutInMinutes", s.SessionPersistenceTimeoutInMinutes, (*int32)(nil)},
 	}
 	for _, c := range checks {
 		if fmt.Sprint(c.got) != fmt.Sprint(c.want) {

@@ -159,6 +159,11 @@ func (in *LoadBalancerRuleSpec) DeepCopyInto(out *LoadBalancerRuleSpec) {
 	*out = *in
 	out.Frontend = in.Frontend
 	in.BackendPool.DeepCopyInto(&out.BackendPool)
+	if in.SessionPersistenceTimeoutInMinutes != nil {
+		in, out := &in.SessionPersistenceTimeoutInMinutes, &out.SessionPersistenceTimeoutInMinutes
+		*out = new(int32)
+		**out = **in
+	}
 	if in.Probe != nil {
 		in, out := &in.Probe, &out.Probe
 		*out = new(Probe)

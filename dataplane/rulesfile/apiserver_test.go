@@ -62,6 +62,17 @@ func TestAgreesWithTheAPIServer(t *testing.T) {
 			setSpec(r, "enableTcpReset", true)
 			setSpec(r, "probe.requestPath", nil)
 		}, []string{"spec.enableTcpReset", "spec.probe.requestPath"}},
+		{"two CEL errors on spec", func(r map[string]any) {
+			setSpec(r, "protocol", "UDP")
+			setSpec(r, "enableTcpReset", true)
+			setSpec(r, "sessionPersistence", "None")
+			setSpec(r, "sessionPersistenceTimeoutInMinutes", 5)
+		}, []string{"spec.enableTcpReset", "spec.sessionPersistenceTimeoutInMinutes"}},
+		// A bound error does not stop CEL: the value is out of range and set with None.
+		{"persistence timeout 1441 with None", func(r map[string]any) {
+			setSpec(r, "sessionPersistence", "None")
+			setSpec(r, "sessionPersistenceTimeoutInMinutes", 1441)
+		}, []string{"less than or equal to 1440", "must be unset or 0 when spec.sessionPersistence is None"}},
 	}
 	var cases []ruleCase
 	cases = append(cases, malformedCases()...)

@@ -127,6 +127,17 @@ func malformedCases() []ruleCase {
 		{"protocol SCTP", func(r map[string]any) { setSpec(r, "protocol", "SCTP") }, []string{"spec.protocol", "Unsupported value"}},
 		{"protocol lowercase", func(r map[string]any) { setSpec(r, "protocol", "tcp") }, []string{"spec.protocol", "Unsupported value"}},
 		{"sessionPersistence SourceIP", func(r map[string]any) { setSpec(r, "sessionPersistence", "SourceIP") }, []string{"spec.sessionPersistence", "Unsupported value"}},
+		{"persistence timeout with None", func(r map[string]any) {
+			setSpec(r, "sessionPersistence", "None")
+			setSpec(r, "sessionPersistenceTimeoutInMinutes", 5)
+		}, []string{"spec.sessionPersistenceTimeoutInMinutes: Invalid value: spec.sessionPersistenceTimeoutInMinutes applies to ClientIP and ClientIPProtocol and must be unset or 0 when spec.sessionPersistence is None"}},
+		{"persistence timeout with None by default", func(r map[string]any) {
+			setSpec(r, "sessionPersistence", nil)
+			setSpec(r, "sessionPersistenceTimeoutInMinutes", 30)
+		}, []string{"spec.sessionPersistenceTimeoutInMinutes", "must be unset or 0 when spec.sessionPersistence is None"}},
+		{"persistence timeout 1441", func(r map[string]any) { setSpec(r, "sessionPersistenceTimeoutInMinutes", 1441) }, []string{"spec.sessionPersistenceTimeoutInMinutes", "less than or equal to 1440"}},
+		{"persistence timeout negative", func(r map[string]any) { setSpec(r, "sessionPersistenceTimeoutInMinutes", -1) }, []string{"spec.sessionPersistenceTimeoutInMinutes", "greater than or equal to 0"}},
+		{"persistence timeout string", func(r map[string]any) { setSpec(r, "sessionPersistenceTimeoutInMinutes", "3h") }, []string{"spec.sessionPersistenceTimeoutInMinutes", "must be of type integer"}},
 		{"idle timeout 3", func(r map[string]any) { setSpec(r, "idleTimeoutInMinutes", 3) }, []string{"spec.idleTimeoutInMinutes", "greater than or equal to 4"}},
 		{"idle timeout 101", func(r map[string]any) { setSpec(r, "idleTimeoutInMinutes", 101) }, []string{"spec.idleTimeoutInMinutes", "less than or equal to 100"}},
 		{"enableTcpReset not a bool", func(r map[string]any) { setSpec(r, "enableTcpReset", "yes") }, []string{"spec.enableTcpReset", "must be of type boolean"}},
@@ -172,6 +183,18 @@ func validCases() []ruleCase {
 			r["spec"] = map[string]any{"frontend": map[string]any{"port": 9}, "backendPool": map[string]any{"serviceName": "s"}, "backendPort": 9}
 		}, nil},
 		{"probe path with query", func(r map[string]any) { setSpec(r, "probe.requestPath", "/health?full=1") }, nil},
+		{"ClientIP, persistence timeout unset", func(r map[string]any) { setSpec(r, "sessionPersistenceTimeoutInMinutes", nil) }, nil},
+		{"ClientIP, persistence timeout bounds low", func(r map[string]any) { setSpec(r, "sessionPersistenceTimeoutInMinutes", 0) }, nil},
+		{"ClientIP, persistence timeout bounds high", func(r map[string]any) { setSpec(r, "sessionPersistenceTimeoutInMinutes", 1440) }, nil},
+		{"ClientIPProtocol, persistence timeout 0", func(r map[string]any) {
+			setSpec(r, "sessionPersistence", "ClientIPProtocol")
+			setSpec(r, "sessionPersistenceTimeoutInMinutes", 0)
+		}, nil},
+		{"None, persistence timeout 0", func(r map[string]any) {
+			setSpec(r, "sessionPersistence", "None")
+			setSpec(r, "sessionPersistenceTimeoutInMinutes", 0)
+		}, nil},
+		{"None, persistence timeout unset", func(r map[string]any) { setSpec(r, "sessionPersistence", "None") }, nil},
 		{"UDP, ClientIPProtocol, AllProbedUp", func(r map[string]any) {
 			setSpec(r, "protocol", "UDP")
 			setSpec(r, "sessionPersistence", "ClientIPProtocol")
@@ -248,7 +271,8 @@ func TestParsesTheSamples(t *testing.T) {
 	want := map[string]func(t *testing.T, r v1alpha1.LoadBalancerRule){
 		"web-clientip-http-probe.yaml": func(t *testing.T, r v1alpha1.LoadBalancerRule) {
 			if r.Name != "web" || r.Spec.Frontend.Port != 80 || r.Spec.BackendPool.ServiceName != "web" || !r.Spec.EnableTcpReset ||
-				r.Spec.IdleTimeoutInMinutes != 15 || r.Spec.Probe.RequestPath != "/healthz" || r.Spec.Probe.ProbeThreshold != 2 {
+				r.Spec.IdleTimeoutInMinutes != 15 || r.Spec.Probe.RequestPath != "/healthz" || r.Spec.Probe.ProbeThreshold != 2 ||
+				r.Spec.SessionPersistenceTimeoutInMinutes == nil || *r.Spec.SessionPersistenceTimeoutInMinutes != 180 {
 				t.Errorf("web sample read as %+v", r)
 			}
 		},
@@ -344,6 +368,8 @@ spec:
 		{"spec.probe.intervalInSeconds", r.Spec.Probe.IntervalInSeconds, int32(15)},
 		{"spec.probe.probeThreshold", r.Spec.Probe.ProbeThreshold, int32(1)},
 		{"spec.probe.port", r.Spec.Probe.Port, (*v1alpha1.PortNumber)(nil)},
+		// No schema default: translation applies 180 minutes to ClientIP rules.
+		{"spec.sessionPersistenceTimeoutInMinutes", r.Spec.SessionPersistenceTimeoutInMinutes, (*int32)(nil)},
 	}
 	for _, c := range checks {
 		if c.got != c.want {

@@ -90,6 +90,7 @@ func TestRulesFile(t *testing.T) {
 		Name: "default/dns", Generation: 1, Frontend: "default/dns", Bind: loopback, Port: 53,
 		Protocols:   []snapshot.Protocol{snapshot.TCP, snapshot.UDP},
 		Persistence: snapshot.PersistenceClientIP,
+		PinTimeout:  180 * time.Minute, // unset in the sample: the default
 		IdleTimeout: 4 * time.Minute,
 		Probe:       &snapshot.Probe{Protocol: snapshot.ProbeTCP, Port: 53, Interval: 5 * time.Second, Threshold: 1},
 		AllProbedUp: true,

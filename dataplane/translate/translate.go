@@ -29,6 +29,10 @@ const (
 	defaultIdleTimeout   = 4 * time.Minute
 	defaultProbeInterval = 15 * time.Second
 	defaultProbeRetries  = 1
+
+	// maxPinTimeoutMinutes is the schema's maximum of
+	// spec.sessionPersistenceTimeoutInMinutes (one day).
+	maxPinTimeoutMinutes = 1440
 )
 
 // Input is everything a Snapshot is built from.
@@ -203,6 +207,10 @@ func translateRule(r *v1alpha1.LoadBalancerRule, bind netip.Addr, pools map[serv
 	default:
 		return invalid("spec.sessionPersistence: Unsupported value: %q", spec.SessionPersistence)
 	}
+	pinTimeout, msg := translatePinTimeout(spec.SessionPersistenceTimeoutInMinutes, persistence)
+	if msg != "" {
+		return invalid("%s", msg)
+	}
 	idle := defaultIdleTimeout
 	if spec.IdleTimeoutInMinutes > 0 {
 		idle = time.Duration(spec.IdleTimeoutInMinutes) * time.Minute
@@ -224,6 +232,7 @@ func translateRule(r *v1alpha1.LoadBalancerRule, bind netip.Addr, pools map[serv
 		Port:        port,
 		Protocols:   protocols,
 		Persistence: persistence,
+		PinTimeout:  pinTimeout,
 		IdleTimeout: idle,
 		TCPReset:    spec.EnableTcpReset,
 		Probe:       probe,
@@ -257,6 +266,27 @@ func translateRule(r *v1alpha1.LoadBalancerRule, bind netip.Addr, pools map[serv
 		return invalid("spec.backendPool: Required value: exactly one of spec.backendPool.serviceName or spec.backendPool.addresses must be set")
 	}
 	return rule, res
+}
+
+// translatePinTimeout is how long a client's pin outlives its last flow:
+// none under None, else spec.sessionPersistenceTimeoutInMinutes, 180 minutes
+// when unset. The API server refuses the values it reports; they come only
+// from rules built in code.
+func translatePinTimeout(minutes *int32, persistence snapshot.Persistence) (time.Duration, string) {
+	if minutes == nil {
+		if persistence == snapshot.PersistenceNone {
+			return 0, ""
+		}
+		return time.Duration(v1alpha1.DefaultSessionPersistenceTimeoutInMinutes) * time.Minute, ""
+	}
+	m := *minutes
+	switch {
+	case m < 0 || m > maxPinTimeoutMinutes:
+		return 0, fmt.Sprintf("spec.sessionPersistenceTimeoutInMinutes: Invalid value: %d: must be between 0 and %d", m, maxPinTimeoutMinutes)
+	case persistence == snapshot.PersistenceNone && m > 0:
+		return 0, fmt.Sprintf("spec.sessionPersistenceTimeoutInMinutes: Invalid value: %d: applies to ClientIP and ClientIPProtocol and must be unset or 0 when spec.sessionPersistence is None", m)
+	}
+	return time.Duration(m) * time.Minute, ""
 }
 
 func translateProbe(p *v1alpha1.Probe, backendPort uint16) (*snapshot.Probe, string) {

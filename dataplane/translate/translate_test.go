@@ -139,6 +139,7 @@ func TestTranslatesEveryField(t *testing.T) {
 		r.Spec.BackendPort = 8443
 		r.Spec.Protocol = v1alpha1.ProtocolAll
 		r.Spec.SessionPersistence = v1alpha1.SessionPersistenceClientIPProtocol
+		r.Spec.SessionPersistenceTimeoutInMinutes = ptr(int32(45))
 		r.Spec.IdleTimeoutInMinutes = 30
 		r.Spec.EnableTcpReset = true
 		r.Spec.NoHealthyBackendsBehavior = v1alpha1.AllProbedUp
@@ -157,6 +158,7 @@ func TestTranslatesEveryField(t *testing.T) {
 		Port:        443,
 		Protocols:   []snapshot.Protocol{snapshot.TCP, snapshot.UDP},
 		Persistence: snapshot.PersistenceClientIPProtocol,
+		PinTimeout:  45 * time.Minute,
 		IdleTimeout: 30 * time.Minute,
 		TCPReset:    true,
 		Probe:       &snapshot.Probe{Protocol: snapshot.ProbeHTTPS, Port: 9090, Path: "/healthz", Interval: 20 * time.Second, Threshold: 3},
@@ -239,6 +241,46 @@ func TestRuleFields(t *testing.T) {
 				t.Errorf("unexpected rule %+v (probe %+v)", snap.Rules[0], snap.Rules[0].Probe)
 			}
 		})
+	}
+}
+
+// TestPinTimeout: sessionPersistenceTimeoutInMinutes becomes the rule's
+// PinTimeout, 180 minutes when unset under ClientIP and ClientIPProtocol,
+// and no pins under None.
+func TestPinTimeout(t *testing.T) {
+	cases := []struct {
+		name        string
+		persistence v1alpha1.SessionPersistence
+		minutes     *int32
+		want        time.Duration
+	}{
+		{"ClientIP unset is 180 minutes", v1alpha1.SessionPersistenceClientIP, nil, 180 * time.Minute},
+		{"ClientIPProtocol unset is 180 minutes", v1alpha1.SessionPersistenceClientIPProtocol, nil, 3 * time.Hour},
+		{"ClientIP 0 keeps no pins", v1alpha1.SessionPersistenceClientIP, ptr(int32(0)), 0},
+		{"ClientIPProtocol 0 keeps no pins", v1alpha1.SessionPersistenceClientIPProtocol, ptr(int32(0)), 0},
+		{"ClientIP 1 minute", v1alpha1.SessionPersistenceClientIP, ptr(int32(1)), time.Minute},
+		{"ClientIP 1440 is a day", v1alpha1.SessionPersistenceClientIP, ptr(int32(1440)), 24 * time.Hour},
+		{"None unset keeps no pins", v1alpha1.SessionPersistenceNone, nil, 0},
+		{"None 0 keeps no pins", v1alpha1.SessionPersistenceNone, ptr(int32(0)), 0},
+		{"persistence unset (None) keeps no pins", "", nil, 0},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			r := lbr("ns", "r", 80, func(r *v1alpha1.LoadBalancerRule) {
+				r.Spec.SessionPersistence = tc.persistence
+				r.Spec.SessionPersistenceTimeoutInMinutes = tc.minutes
+			})
+			snap, results := translate(t, Input{Rules: []v1alpha1.LoadBalancerRule{r}, Bind: bind})
+			if res := results[types.NamespacedName{Namespace: "ns", Name: "r"}]; !res.Accepted {
+				t.Fatalf("not accepted: %+v", res)
+			}
+			if got := snap.Rules[0].PinTimeout; got != tc.want {
+				t.Errorf("PinTimeout = %v, want %v", got, tc.want)
+			}
+		})
+	}
+	if v1alpha1.DefaultSessionPersistenceTimeoutInMinutes != 180 {
+		t.Errorf("DefaultSessionPersistenceTimeoutInMinutes = %d, want 180 (kube-proxy's 3 hours)", v1alpha1.DefaultSessionPersistenceTimeoutInMinutes)
 	}
 }
 
@@ -461,6 +503,17 @@ func TestInvalidSpecs(t *testing.T) {
 		{"backend port 0", func(r *v1alpha1.LoadBalancerRule) { r.Spec.BackendPort = 0 }, "spec.backendPort"},
 		{"unknown protocol", protocol("SCTP"), "spec.protocol"},
 		{"unknown persistence", func(r *v1alpha1.LoadBalancerRule) { r.Spec.SessionPersistence = "Sticky" }, "spec.sessionPersistence"},
+		{"pin timeout with None", func(r *v1alpha1.LoadBalancerRule) {
+			r.Spec.SessionPersistenceTimeoutInMinutes = ptr(int32(30))
+		}, "spec.sessionPersistenceTimeoutInMinutes"},
+		{"pin timeout negative", func(r *v1alpha1.LoadBalancerRule) {
+			r.Spec.SessionPersistence = v1alpha1.SessionPersistenceClientIP
+			r.Spec.SessionPersistenceTimeoutInMinutes = ptr(int32(-1))
+		}, "spec.sessionPersistenceTimeoutInMinutes"},
+		{"pin timeout over a day", func(r *v1alpha1.LoadBalancerRule) {
+			r.Spec.SessionPersistence = v1alpha1.SessionPersistenceClientIP
+			r.Spec.SessionPersistenceTimeoutInMinutes = ptr(int32(1441))
+		}, "spec.sessionPersistenceTimeoutInMinutes"},
 		{"both pools", func(r *v1alpha1.LoadBalancerRule) { r.Spec.BackendPool.ServiceName = "app" }, "spec.backendPool"},
 		{"no pool", func(r *v1alpha1.LoadBalancerRule) { r.Spec.BackendPool = v1alpha1.BackendPool{} }, "spec.backendPool"},
 		{"bad address", func(r *v1alpha1.LoadBalancerRule) { r.Spec.BackendPool.Addresses = []string{"10.0.0.1", "nope"} }, "spec.backendPool.addresses[1]"},
