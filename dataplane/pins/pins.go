@@ -533,9 +533,11 @@ func (t *Table) Reconcile(now, refresh uint32, pick func(key uint64) uint64, ali
 	return announce
 }
 
-// Overrides returns the live pins marked overriding by the last Reconcile:
-// what a replica that joins must learn.
-func (t *Table) Overrides(now uint32) []Pin {
+// Overrides returns the live pins that differ from the table's pick for
+// their key (pick) and whose backend takes new flows (alive): what a replica
+// that joins must learn. With a nil pick it returns every live pin (a table
+// for a rule this replica does not serve yet).
+func (t *Table) Overrides(now uint32, pick func(key uint64) uint64, alive func(backend uint64) bool) []Pin {
 	timeout := t.timeout.Load()
 	var out []Pin
 	for i := range t.shards {
@@ -544,10 +546,14 @@ func (t *Table) Overrides(now uint32) []Pin {
 		if p := sh.slots.Load(); p != nil {
 			for j := range *p {
 				sl := &(*p)[j]
-				if k := sl.key.Load(); k == keyEmpty || k == keyTombstone || sl.flags()&flagOverride == 0 {
+				if k := sl.key.Load(); k == keyEmpty || k == keyTombstone {
 					continue
 				}
-				if pin := sl.pin(); !expired(pin.Seen, now, timeout) {
+				pin := sl.pin()
+				if expired(pin.Seen, now, timeout) {
+					continue
+				}
+				if pick == nil || (alive(pin.Backend) && pick(pin.Key) != pin.Backend) {
 					out = append(out, pin)
 				}
 			}

@@ -259,7 +259,7 @@ func TestReconcileAnnouncesOverridesOnce(t *testing.T) {
 	if a := tb.Reconcile(now+1, 0, pick, all); len(a) != 0 {
 		t.Fatalf("announced again: %d", len(a))
 	}
-	if got := len(tb.Overrides(now + 1)); got != 20 {
+	if got := len(tb.Overrides(now+1, pick, all)); got != 20 {
 		t.Fatalf("Overrides = %d, want 20", got)
 	}
 	// The refresh re-announces overrides whose clients had a flow since.

@@ -40,6 +40,7 @@ type metrics struct {
 	idleTimeouts *prometheus.CounterVec // rule
 	probeStatus  *prometheus.GaugeVec   // rule, backend
 	rebuilds     *prometheus.CounterVec // rule
+	pinsRefused  *prometheus.CounterVec // reason
 	version      prometheus.Gauge
 	congestion   *prometheus.GaugeVec  // side, algorithm
 	bulkClients  [2]prometheus.Counter // by distance
@@ -91,6 +92,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Namespace: namespace, Name: "table_rebuilds_total",
 			Help: "Maglev table rebuilds (configuration changes and probe transitions).",
 		}, []string{"rule"}),
+		pinsRefused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "pins_refused_total",
+			Help: "New clients served from the table without a pin: replica_limit (--max-pins reached) or source_limit (--max-pins-per-source reached for the client's /24 or /64).",
+		}, []string{"reason"}),
 		version: prometheus.NewGauge(prometheus.GaugeOpts{
 			Namespace: namespace, Name: "snapshot_version",
 			Help: "Version of the configuration snapshot the dataplane serves.",
@@ -106,7 +111,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	}, []string{"distance"})
 	m.bulkClients = [2]prometheus.Counter{bulkClients.WithLabelValues("near"), bulkClients.WithLabelValues("far")}
 	for _, c := range []prometheus.Collector{m.bytes, m.packets, m.syn, m.activeFlows, m.udpSessions,
-		m.dialFailures, m.dialRetries, m.refused, m.idleTimeouts, m.probeStatus, m.rebuilds, m.version, m.congestion, bulkClients} {
+		m.dialFailures, m.dialRetries, m.refused, m.idleTimeouts, m.probeStatus, m.rebuilds, m.pinsRefused, m.version, m.congestion, bulkClients} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

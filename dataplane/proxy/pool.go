@@ -7,6 +7,7 @@ import (
 
 	"github.com/stickylb/stickylb/dataplane/health"
 	"github.com/stickylb/stickylb/dataplane/maglev"
+	"github.com/stickylb/stickylb/dataplane/pins"
 	"github.com/stickylb/stickylb/dataplane/snapshot"
 )
 
@@ -14,6 +15,8 @@ import (
 type backend struct {
 	addr netip.AddrPort
 	name string // addr.String(), the Maglev key and the metrics label
+	// pinKey is what pins name the backend by: pins.BackendKey(name).
+	pinKey uint64
 	rule string
 	// sa is addr as connect(2) takes it; read-only, so every loop may use it.
 	sa rawSockaddr
@@ -36,8 +39,9 @@ func (b *backend) m() *backendMetrics {
 // with an atomic pointer swap.
 type pool struct {
 	table *maglev.Table
-	// picks holds the backends by table index.
+	// picks holds the backends by table index; byPin the same by pin key.
 	picks []*backend
+	byPin map[uint64]*backend
 	// alive is every backend whose established UDP sessions may continue:
 	// present in the snapshot (draining included) and not probed down.
 	alive map[netip.AddrPort]*backend
@@ -67,6 +71,10 @@ type ruleState struct {
 	rule *snapshot.Rule
 	m    *ruleMetrics
 	pool atomic.Pointer[pool]
+	// pins is the rule's pin table, nil when the rule does not pin; set
+	// before the rule serves, and the same table for as long as the rule
+	// pins its clients the same way.
+	pins *pins.Table
 
 	buildMu  sync.Mutex // serialises rebuilds; never held on the hot path
 	backends map[netip.AddrPort]*backend
@@ -76,7 +84,7 @@ func newRuleState(r *snapshot.Rule, m *metrics) *ruleState {
 	rs := &ruleState{rule: r, m: m.forRule(r.Name), backends: make(map[netip.AddrPort]*backend, len(r.Backends))}
 	for _, b := range r.Backends {
 		name := b.Addr.String()
-		rs.backends[b.Addr] = &backend{addr: b.Addr, name: name, rule: r.Name, sa: newRawSockaddr(b.Addr), metrics: m}
+		rs.backends[b.Addr] = &backend{addr: b.Addr, name: name, pinKey: pins.BackendKey(name), rule: r.Name, sa: newRawSockaddr(b.Addr), metrics: m}
 	}
 	return rs
 }
@@ -151,10 +159,12 @@ func (rs *ruleState) rebuild(status func(health.Target) (up, known bool), m *met
 		byName[b.name] = b
 	}
 	sorted := make([]*backend, table.Len())
+	byPin := make(map[uint64]*backend, len(sorted))
 	for i := range sorted {
 		sorted[i] = byName[table.Backend(i)]
+		byPin[sorted[i].pinKey] = sorted[i]
 	}
-	rs.pool.Store(&pool{table: table, picks: sorted, alive: alive, healthy: len(healthy), active: len(active)})
+	rs.pool.Store(&pool{table: table, picks: sorted, byPin: byPin, alive: alive, healthy: len(healthy), active: len(active)})
 	rs.m.rebuilds.Inc()
 }
 

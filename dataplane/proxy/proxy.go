@@ -42,6 +42,13 @@ type Options struct {
 	MaxUDPSessions int
 	// MaxUDPSessionsPerClient caps UDP sessions from one client IP (default 256).
 	MaxUDPSessionsPerClient int
+	// MaxPins caps the clients pinned across all rules (default 1000000).
+	// Beyond it new clients are served from the table without a pin; no
+	// active pin is ever evicted for a new one.
+	MaxPins int
+	// MaxPinsPerSource caps, per rule, the pins of one client network: an
+	// IPv4 /24 or an IPv6 /64 (default 1024).
+	MaxPinsPerSource int
 	// Registerer receives the proxy's metrics (default: a private registry).
 	Registerer prometheus.Registerer
 	// OnHealthChange, if set, is called with a rule's name after a probe
@@ -88,6 +95,12 @@ func (o *Options) defaults() {
 	if o.MaxUDPSessionsPerClient <= 0 {
 		o.MaxUDPSessionsPerClient = 256
 	}
+	if o.MaxPins <= 0 {
+		o.MaxPins = 1_000_000
+	}
+	if o.MaxPinsPerSource <= 0 {
+		o.MaxPinsPerSource = 1024
+	}
 	if o.Registerer == nil {
 		o.Registerer = prometheus.NewRegistry()
 	}
@@ -130,6 +143,8 @@ type Proxy struct {
 	// listener, stopped by Shutdown.
 	loops []*loop
 
+	pins pinState
+
 	shutdown atomic.Bool
 	// tcpConns counts TCP flows, from accept to close.
 	tcpConns atomic.Int64
@@ -170,6 +185,11 @@ func New(opts Options) (*Proxy, error) {
 		listeners: map[snapshot.ListenerKey]listener{},
 	}
 	p.clients.init()
+	p.pins.init(&p.opts, m)
+	if err := opts.Registerer.Register(newPinCollector(p)); err != nil {
+		return nil, fmt.Errorf("register metrics: %w", err)
+	}
+	go p.sweepPins()
 	empty := map[health.Target][]*ruleState{}
 	p.byTarget.Store(&empty)
 	p.monitor = health.New(p.onProbeTransition)
@@ -182,6 +202,7 @@ func (p *Proxy) onProbeTransition(t health.Transition) {
 	p.log.Info("backend health changed", "backend", t.Target.String(), "up", t.Up, "reason", t.Reason)
 	for _, rs := range (*p.byTarget.Load())[t.Target] {
 		rs.rebuild(p.monitor.Status, p.metrics)
+		p.reconcilePins(rs, 0)
 		if p.opts.OnHealthChange != nil {
 			p.opts.OnHealthChange(rs.rule.Name)
 		}
@@ -280,8 +301,12 @@ func (p *Proxy) Apply(s *snapshot.Snapshot) (failed map[string]error, err error)
 		p.log.Error(err, "some health probes could not start")
 	}
 	p.byTarget.Store(&byTarget)
+	p.attachPins(rules)
 	for _, rs := range fresh {
 		rs.rebuild(p.monitor.Status, p.metrics)
+		// Before the rule serves its new pool: pins that now differ from
+		// the table go to the peers.
+		p.reconcilePins(rs, 0)
 	}
 
 	failed = map[string]error{}
@@ -344,7 +369,9 @@ func (p *Proxy) listen(k snapshot.ListenerKey) (listener, error) {
 // UDP has no end of flow to wait for.
 func (p *Proxy) Shutdown(ctx context.Context) error {
 	p.mu.Lock()
-	p.shutdown.Store(true)
+	if !p.shutdown.Swap(true) {
+		close(p.pins.stop)
+	}
 	for k, l := range p.listeners {
 		l.close()
 		delete(p.listeners, k)

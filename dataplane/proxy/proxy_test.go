@@ -136,7 +136,7 @@ func TestPersistenceModes(t *testing.T) {
 	})
 }
 
-func pins(t *testing.T, n int, port uint16) []string { return testbackend.Pins(t, n, frontend(port)) }
+func backendsOf(t *testing.T, n int, port uint16) []string { return testbackend.Pins(t, n, frontend(port)) }
 
 func TestPoolChangesMoveFewClients(t *testing.T) {
 	backends := startBackends(t, 11, 9003)
@@ -145,7 +145,7 @@ func TestPoolChangesMoveFewClients(t *testing.T) {
 	p := newProxy(t, Options{})
 	p.apply(t, rule("web", port, ten))
 	const clients = 500
-	before := pins(t, clients, port)
+	before := backendsOf(t, clients, port)
 
 	// Remove 127.0.1.3: only its clients move, plus under 1% of the others.
 	removed := ten[2].Name
@@ -156,7 +156,7 @@ func TestPoolChangesMoveFewClients(t *testing.T) {
 		}
 	}
 	p.apply(t, rule("web", port, rest))
-	after := pins(t, clients, port)
+	after := backendsOf(t, clients, port)
 	others, movedOthers := 0, 0
 	for i := range before {
 		if before[i] == removed {
@@ -176,7 +176,7 @@ func TestPoolChangesMoveFewClients(t *testing.T) {
 
 	// Add an 11th to the original ten: at most 1/11 + 1% move.
 	p.apply(t, rule("web", port, backends))
-	added := pins(t, clients, port)
+	added := backendsOf(t, clients, port)
 	moved, movedElsewhere := 0, 0
 	for i := range before {
 		if added[i] != before[i] {
@@ -381,10 +381,10 @@ func TestDialFailureRetriesNextBackend(t *testing.T) {
 	port := freePort(t)
 	p := newProxy(t, Options{DialTimeout: time.Second})
 	p.apply(t, rule("web", port, backends))
-	before := pins(t, 60, port)
+	before := backendsOf(t, 60, port)
 	dead := backends[0]
 	dead.Stop() // still in the pool, but refuses connections
-	after := pins(t, 60, port)
+	after := backendsOf(t, 60, port)
 	retried := 0
 	for i := range before {
 		if before[i] == dead.Name {

@@ -269,7 +269,7 @@ func (p *Proxy) acceptTCP(lp *loop, ln *tcpListener, cfd int, client netip.AddrP
 	acquired = true
 	f := &tcpFlow{p: p, rs: rs, clientIP: ip, cfd: cfd, bfd: -1, ccPending: p.clientCC.far != nil}
 	f.timer = timer{index: -1, owner: f}
-	f.ncand = uint8(len(rs.pool.Load().pick(f.cands[:0], flowHash(rs.rule, client, ln.local, snapshot.TCP), maxDialAttempts)))
+	f.ncand = uint8(len(p.choose(rs, f.cands[:0], flowHash(rs.rule, client, ln.local, snapshot.TCP), ip, maxDialAttempts)))
 	if f.ncand == 0 {
 		refuse(refusedNoBackend)
 		return

@@ -111,7 +111,7 @@ func (l *udpListener) session(client netip.AddrPort) *udpSession {
 // within the session caps; nil means the datagram is dropped.
 func (l *udpListener) newSession(rs *ruleState, pl *pool, client netip.AddrPort) *udpSession {
 	var buf [1]*backend
-	picked := pl.pick(buf[:0], flowHash(rs.rule, client, l.local, snapshot.UDP), 1)
+	picked := l.p.choose(rs, buf[:0], flowHash(rs.rule, client, l.local, snapshot.UDP), client.Addr().Unmap(), 1)
 	if len(picked) == 0 {
 		rs.m.refused[refusedNoBackend].Inc()
 		return nil
