@@ -128,7 +128,7 @@ func TestDrainingBackendTakesNoNewFlows(t *testing.T) {
 	port := freePort(t)
 	p := newProxy(t, Options{})
 	p.apply(t, rule("web", port, backends, protocols(snapshot.TCP, snapshot.UDP)))
-	before := pins(t, 60, port)
+	before := backendsOf(t, 60, port)
 	client := -1
 	for i, b := range before {
 		if b == backends[1].Name {
@@ -149,7 +149,7 @@ func TestDrainingBackendTakesNoNewFlows(t *testing.T) {
 	p.apply(t, rule("web", port, backends, protocols(snapshot.TCP, snapshot.UDP), func(r *snapshot.Rule) {
 		r.Backends[1].Draining = true
 	}))
-	after := pins(t, 60, port)
+	after := backendsOf(t, 60, port)
 	for i := range before {
 		if after[i] == backends[1].Name {
 			t.Errorf("%s got a new flow on the draining backend", clientIP(i))
