@@ -11,9 +11,13 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/signal"
+	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -37,6 +41,7 @@ import (
 
 	lbv1alpha1 "github.com/stickylb/stickylb/api/v1alpha1"
 	"github.com/stickylb/stickylb/controllers"
+	"github.com/stickylb/stickylb/dataplane/peers"
 	"github.com/stickylb/stickylb/dataplane/proxy"
 )
 
@@ -80,6 +85,7 @@ type managerOptions struct {
 	shutdownDelay    time.Duration
 	reportInterval   time.Duration
 	limits           proxy.Options
+	peer             peerOptions
 	zap              zap.Options
 }
 
@@ -114,6 +120,7 @@ func parseManagerFlags(args []string) (*managerOptions, *flag.FlagSet, error) {
 	fs.DurationVar(&o.reportInterval, "report-interval", controllers.DefaultReportInterval,
 		"least time between two writes of this replica's report Lease (what its dataplane serves, which rule status speaks for); changes in between are coalesced")
 	bindLimitFlags(fs, &o.limits)
+	bindPeerFlags(fs, &o.peer, "--dataplane-bind-address")
 	// --kubeconfig is registered on the global flag set by controller-runtime.
 	if f := flag.CommandLine.Lookup("kubeconfig"); f != nil {
 		fs.Var(f.Value, f.Name, "path to a kubeconfig; only needed outside a cluster")
@@ -240,6 +247,39 @@ func runManager(args []string) int {
 		log.Error(err, "add ready check")
 		return 1
 	}
+	// Replicas share the pins that differ from the Maglev table.
+	pcfg, err := o.peer.config(bind)
+	if err != nil {
+		log.Error(err, "peers")
+		return 2
+	}
+	pcfg.Name, pcfg.Registerer, pcfg.Log = replica, metrics.Registry, ctrl.Log.WithName("peers")
+	if pcfg.Peers == nil && !local {
+		pcfg.Peers = podPeers(mgr.GetClient(), o.podNamespace, selector, replica, pcfg.Bind.Port())
+	}
+	sharing, err := peers.New(pcfg, p)
+	if err != nil {
+		log.Error(err, "peers")
+		return 2
+	}
+	if sharing.Enabled() {
+		p.SetPinSync(sharing)
+	}
+	if err := mgr.Add(sharing); err != nil {
+		log.Error(err, "set up the peers")
+		return 1
+	}
+	// A new or restarted replica learns its peers' pins before it serves,
+	// so that it sends their clients where they already go.
+	if err := mgr.AddReadyzCheck("peers", func(*http.Request) error {
+		if !sharing.Synced() {
+			return errJoiningPeers
+		}
+		return nil
+	}); err != nil {
+		log.Error(err, "add ready check")
+		return 1
+	}
 	// The dataplane role always runs, and reports what it serves: the
 	// controller role (on whichever replica leads) counts every report.
 	if err := dp.SetupWithManager(mgr); err != nil {
@@ -286,7 +326,7 @@ func runManager(args []string) int {
 	}
 
 	log.Info("starting manager", "leaderElect", o.leaderElect, "controller", o.runController, "bind", bind.String(), "local", local,
-		"replica", replica, "report", reportNS+"/"+reporter.LeaseName())
+		"replica", replica, "report", reportNS+"/"+reporter.LeaseName(), "peerSync", sharing.Enabled(), "peerBind", pcfg.Bind.String())
 	// The signals are ours, not ctrl.SetupSignalHandler's: the manager (and
 	// with it the controller role and the leader Lease) must keep running
 	// while this replica leaves the frontends.
@@ -425,6 +465,111 @@ func reportIdentity(o *managerOptions, bind netip.Addr) (replica, namespace stri
 		}
 	}
 	return replica, o.podNamespace
+}
+
+var errJoiningPeers = errors.New("joining the peers to learn their pins (at most --peer-join-timeout)")
+
+// peerOptions are the flags of pin sharing, the same for the manager and
+// `stickylb proxy`.
+type peerOptions struct {
+	peers       string
+	bind        string
+	keyFile     string
+	joinTimeout time.Duration
+}
+
+func bindPeerFlags(fs *flag.FlagSet, o *peerOptions, dataplaneFlag string) {
+	fs.StringVar(&o.peers, "peers", "",
+		"comma-separated HOST:PORT of the replicas to share pins with (this replica may be among them); in a cluster, empty means the running pods of --dataplane-pod-selector")
+	fs.StringVar(&o.bind, "peer-bind-address", "",
+		fmt.Sprintf("IP:PORT this replica listens on for its peers, TCP and UDP; an empty IP (\":%d\") means the %s IP (default: that IP, port %d)", peers.DefaultPort, dataplaneFlag, peers.DefaultPort))
+	fs.StringVar(&o.keyFile, "peer-key-file", "",
+		"file holding the base64 of the 32-byte key every replica shares (AES-256-GCM: only holders may join or change pins); empty: this replica does not peer, and serves from the Maglev table and its own pins")
+	fs.DurationVar(&o.joinTimeout, "peer-join-timeout", peers.DefaultJoinTimeout,
+		"at start, how long to try to join the peers and learn their pins before serving without them")
+}
+
+// config turns the flags into a peers.Config, less the name, metrics and
+// log; dataplane is the dataplane's bind address.
+func (o *peerOptions) config(dataplane netip.Addr) (peers.Config, error) {
+	cfg := peers.Config{JoinTimeout: o.joinTimeout}
+	if o.joinTimeout <= 0 {
+		return cfg, fmt.Errorf("--peer-join-timeout %v: must be positive", o.joinTimeout)
+	}
+	bind, err := peerBindAddress(o.bind, dataplane)
+	if err != nil {
+		return cfg, err
+	}
+	cfg.Bind = bind
+	if o.keyFile != "" {
+		if cfg.Key, err = peers.LoadKey(o.keyFile); err != nil {
+			return cfg, err
+		}
+	}
+	var static []string
+	for _, p := range strings.Split(o.peers, ",") {
+		if p = strings.TrimSpace(p); p == "" {
+			continue
+		}
+		if _, _, err := net.SplitHostPort(p); err != nil {
+			return cfg, fmt.Errorf("--peers: %q: want HOST:PORT: %w", p, err)
+		}
+		static = append(static, p)
+	}
+	if len(static) > 0 {
+		cfg.Peers = func(context.Context) ([]string, error) { return static, nil }
+	}
+	return cfg, nil
+}
+
+// peerBindAddress parses --peer-bind-address: IP:PORT, or :PORT on the
+// dataplane's IP, which is also the whole default (with the default port).
+func peerBindAddress(flagValue string, dataplane netip.Addr) (netip.AddrPort, error) {
+	if flagValue == "" {
+		return netip.AddrPortFrom(dataplane, peers.DefaultPort), nil
+	}
+	host, port, err := net.SplitHostPort(flagValue)
+	if err != nil {
+		return netip.AddrPort{}, fmt.Errorf("--peer-bind-address %q: want IP:PORT or :PORT: %w", flagValue, err)
+	}
+	n, err := strconv.ParseUint(port, 10, 16)
+	if err != nil || n == 0 {
+		return netip.AddrPort{}, fmt.Errorf("--peer-bind-address %q: bad port", flagValue)
+	}
+	ip := dataplane
+	if host != "" {
+		if ip, err = netip.ParseAddr(host); err != nil {
+			return netip.AddrPort{}, fmt.Errorf("--peer-bind-address %q: want an IP address: %w", flagValue, err)
+		}
+	}
+	return netip.AddrPortFrom(ip.Unmap(), uint16(n)), nil
+}
+
+// podPeers lists the peer addresses of the other dataplane replicas: the
+// running pods of selector in namespace (ready or not, terminating or not:
+// each still holds pins, and a new replica must learn them), but self, at
+// this replica's peer port. c should be the manager's cache, which already
+// watches these pods.
+func podPeers(c client.Reader, namespace string, selector labels.Selector, self string, port uint16) func(context.Context) ([]string, error) {
+	return func(ctx context.Context) ([]string, error) {
+		var pods corev1.PodList
+		if err := c.List(ctx, &pods, client.InNamespace(namespace), client.MatchingLabelsSelector{Selector: selector}); err != nil {
+			return nil, err
+		}
+		var out []string
+		for i := range pods.Items {
+			p := &pods.Items[i]
+			if p.Name == self || p.Status.Phase != corev1.PodRunning {
+				continue
+			}
+			ip, err := netip.ParseAddr(p.Status.PodIP)
+			if err != nil {
+				continue
+			}
+			out = append(out, netip.AddrPortFrom(ip, port).String())
+		}
+		return out, nil
+	}
 }
 
 func isClosed(c <-chan struct{}) bool {

@@ -20,6 +20,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 
+	"github.com/stickylb/stickylb/dataplane/peers"
 	"github.com/stickylb/stickylb/dataplane/proxy"
 	"github.com/stickylb/stickylb/dataplane/rulesfile"
 	"github.com/stickylb/stickylb/dataplane/snapshot"
@@ -33,6 +34,7 @@ type proxyOptions struct {
 	metricsAddr  string
 	drainTimeout time.Duration
 	limits       proxy.Options
+	peer         peerOptions
 	zap          zap.Options
 }
 
@@ -44,6 +46,8 @@ func bindLimitFlags(fs *flag.FlagSet, o *proxy.Options) {
 	fs.IntVar(&o.MaxConnectionsPerClient, "max-connections-per-client", 1000, "cap on TCP connections from one client IP")
 	fs.IntVar(&o.MaxUDPSessions, "max-udp-sessions", 65536, "cap on UDP sessions per frontend; past it datagrams of new clients are dropped")
 	fs.IntVar(&o.MaxUDPSessionsPerClient, "max-udp-sessions-per-client", 256, "cap on UDP sessions (source ports) from one client IP")
+	fs.IntVar(&o.MaxPins, "max-pins", 1000000, "cap on pinned clients (ClientIP, ClientIPProtocol) across all rules of this replica; past it new clients get the Maglev pick without a pin, and no active pin is evicted")
+	fs.IntVar(&o.MaxPinsPerSource, "max-pins-per-source", 1024, "cap on pinned clients of one rule from one client network (an IPv4 /24, an IPv6 /64), so that a flood of addresses cannot fill --max-pins")
 	fs.StringVar(&o.BackendCongestionControl, "backend-congestion-control", "cubic,reno",
 		"TCP congestion control of connections to backends: the first algorithm of this comma-separated list that the kernel lets the process set; \"system\" is the node's default. A list the kernel refuses entirely stops the start")
 	fs.StringVar(&o.FrontendCongestionControl, "frontend-congestion-control", "system",
@@ -88,6 +92,7 @@ func proxyFlags(o *proxyOptions) *flag.FlagSet {
 	fs.StringVar(&o.metricsAddr, "metrics-bind-address", ":8080", "address of the Prometheus /metrics endpoint; \"0\" disables it")
 	fs.DurationVar(&o.drainTimeout, "drain-timeout", 30*time.Second, "on SIGTERM, how long established TCP connections may take to finish before they are closed")
 	bindLimitFlags(fs, &o.limits)
+	bindPeerFlags(fs, &o.peer, "--bind-address")
 	o.zap.BindFlags(fs)
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: stickylb proxy --rules FILE [flags]\n\nServes the rules of FILE without a cluster: the dataplane alone.\n\nFlags:\n")
@@ -133,6 +138,23 @@ func runProxy(args []string) int {
 		log.Error(err, "start proxy")
 		return 1
 	}
+	pcfg, err := o.peer.config(bind)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "stickylb proxy: %v\n", err)
+		return 2
+	}
+	// Standalone proxies have no other name among their peers than their address.
+	pcfg.Name = pcfg.Bind.String()
+	if pcfg.Bind.Addr().IsUnspecified() {
+		host, _ := os.Hostname()
+		pcfg.Name = net.JoinHostPort(host, fmt.Sprint(pcfg.Bind.Port()))
+	}
+	pcfg.Registerer, pcfg.Log = reg, log.WithName("peers")
+	sharing, err := peers.New(pcfg, p)
+	if err != nil {
+		log.Error(err, "peers")
+		return 2
+	}
 	reloads := newReloadMetrics(reg)
 	if o.metricsAddr != "0" {
 		// Bind before serving traffic: a taken metrics port is a start-up error.
@@ -145,6 +167,25 @@ func runProxy(args []string) int {
 		go func() { _ = srv.Serve(ln) }()
 		defer srv.Close()
 	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	// Learn the peers' pins before serving, as a manager's readiness waits for.
+	peersDone := make(chan error, 1)
+	if sharing.Enabled() {
+		p.SetPinSync(sharing)
+	}
+	go func() { peersDone <- sharing.Start(ctx) }()
+	for !sharing.Synced() {
+		select {
+		case err := <-peersDone:
+			if err != nil {
+				log.Error(err, "peers")
+				return 1
+			}
+			return 0 // stopped before serving
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
 	hup, events, stopWatch := watchRules(o.rules, log)
 	defer stopWatch()
 	ld := &loader{path: o.rules, bind: bind, proxy: p, log: log, metrics: reloads}
@@ -153,8 +194,6 @@ func runProxy(args []string) int {
 		return 1
 	}
 
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
-	defer stop()
 	go ld.watch(ctx, hup, events)
 
 	<-ctx.Done()
@@ -164,6 +203,7 @@ func runProxy(args []string) int {
 	if err := p.Shutdown(dctx); err != nil {
 		log.Info("drain timeout passed; remaining connections closed")
 	}
+	<-peersDone // it has said goodbye to its peers
 	return 0
 }
 
