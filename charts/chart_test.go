@@ -7,6 +7,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"io"
@@ -250,7 +251,7 @@ func TestTemplateDefaults(t *testing.T) {
 		"ClusterRole/stickylb-manager", "ClusterRole/stickylb-metrics-reader",
 		"ClusterRoleBinding/stickylb-manager", "CustomResourceDefinition/loadbalancerrules.lb.stickylb.io",
 		"Deployment/stickylb", "PodDisruptionBudget/stickylb", "Role/stickylb-manager",
-		"RoleBinding/stickylb-manager", "Service/stickylb-metrics", "ServiceAccount/stickylb",
+		"RoleBinding/stickylb-manager", "Secret/stickylb-peers", "Service/stickylb-metrics", "ServiceAccount/stickylb",
 	}
 	if got := kinds(objs); !slices.Equal(got, want) {
 		t.Errorf("rendered objects:\n got %v\nwant %v", got, want)
@@ -388,6 +389,98 @@ func TestTemplateDefaults(t *testing.T) {
 	if pod.ServiceAccountName != sa.Name {
 		t.Errorf("pod serviceAccountName %q, chart's ServiceAccount %q", pod.ServiceAccountName, sa.Name)
 	}
+
+	// Replicas share pins with a key the chart makes: a Secret, mounted
+	// read-only, named by --peer-key-file, and the peer port open.
+	secret := only[corev1.Secret](t, objs, "Secret", "stickylb-peers")
+	if key, err := base64.StdEncoding.DecodeString(string(secret.Data["key"])); err != nil || len(key) != 32 {
+		t.Errorf("Secret stickylb-peers key %q: want the base64 of 32 bytes (err %v, %d bytes)", secret.Data["key"], err, len(key))
+	}
+	other := only[corev1.Secret](t, render(t), "Secret", "stickylb-peers")
+	if bytes.Equal(other.Data["key"], secret.Data["key"]) {
+		t.Error("two renderings made the same key: it is not random")
+	}
+	checkPeers(t, d, "stickylb-peers", 7946)
+}
+
+// checkPeers checks that the pod mounts the peer key from secretName
+// read-only, points --peer-key-file at it, and opens port on TCP and UDP.
+func checkPeers(t *testing.T, d *appsv1.Deployment, secretName string, port int32) {
+	t.Helper()
+	pod := d.Spec.Template.Spec
+	c := pod.Containers[0]
+	var mount *corev1.VolumeMount
+	for i := range c.VolumeMounts {
+		if c.VolumeMounts[i].Name == "peer-key" {
+			mount = &c.VolumeMounts[i]
+		}
+	}
+	if mount == nil || !mount.ReadOnly {
+		t.Fatalf("volume mounts %+v: want peer-key, read-only", c.VolumeMounts)
+	}
+	if want := "--peer-key-file=" + mount.MountPath + "/key"; !slices.Contains(c.Args, want) {
+		t.Errorf("args %v lack %s", c.Args, want)
+	}
+	if want := fmt.Sprintf("--peer-bind-address=:%d", port); !slices.Contains(c.Args, want) {
+		t.Errorf("args %v lack %s", c.Args, want)
+	}
+	var vol *corev1.Volume
+	for i := range pod.Volumes {
+		if pod.Volumes[i].Name == "peer-key" {
+			vol = &pod.Volumes[i]
+		}
+	}
+	if vol == nil || vol.Secret == nil || vol.Secret.SecretName != secretName {
+		t.Fatalf("volumes %+v: want peer-key from Secret %s", pod.Volumes, secretName)
+	}
+	// The file is the group's (fsGroup, the manager's group), nobody else's.
+	if m := vol.Secret.DefaultMode; m == nil || *m != 0o440 || pod.SecurityContext.FSGroup == nil || *pod.SecurityContext.FSGroup != 65532 {
+		t.Errorf("peer key mode %v, fsGroup %v; want 0440 and 65532", vol.Secret.DefaultMode, pod.SecurityContext.FSGroup)
+	}
+	ports := map[corev1.Protocol]int32{}
+	for _, p := range c.Ports {
+		if strings.HasPrefix(p.Name, "peers") {
+			ports[p.Protocol] = p.ContainerPort
+		}
+	}
+	if ports[corev1.ProtocolTCP] != port || ports[corev1.ProtocolUDP] != port {
+		t.Errorf("peer ports %v, want %d on TCP and UDP", ports, port)
+	}
+}
+
+func TestTemplatePeers(t *testing.T) {
+	t.Run("disabled", func(t *testing.T) {
+		objs := render(t, valuesFile(t, "peers: {enabled: false}"))
+		for _, o := range objs {
+			if o.GetKind() == "Secret" {
+				t.Errorf("peers.enabled=false renders Secret %s", o.GetName())
+			}
+		}
+		d := only[appsv1.Deployment](t, objs, "Deployment", "stickylb")
+		c := d.Spec.Template.Spec.Containers[0]
+		for _, a := range c.Args {
+			if strings.HasPrefix(a, "--peer") {
+				t.Errorf("peers.enabled=false still passes %s", a)
+			}
+		}
+		if len(d.Spec.Template.Spec.Volumes) != 0 || len(c.VolumeMounts) != 0 {
+			t.Errorf("peers.enabled=false still mounts %+v %+v", d.Spec.Template.Spec.Volumes, c.VolumeMounts)
+		}
+		for _, p := range c.Ports {
+			if strings.HasPrefix(p.Name, "peers") {
+				t.Errorf("peers.enabled=false still opens port %s", p.Name)
+			}
+		}
+	})
+	t.Run("existing Secret", func(t *testing.T) {
+		objs := render(t, valuesFile(t, "peers: {existingSecret: my-peer-key, port: 7000}"))
+		for _, o := range objs {
+			if o.GetKind() == "Secret" {
+				t.Errorf("peers.existingSecret still renders Secret %s", o.GetName())
+			}
+		}
+		checkPeers(t, only[appsv1.Deployment](t, objs, "Deployment", "stickylb"), "my-peer-key", 7000)
+	})
 }
 
 const nonDefaultValues = `
@@ -482,6 +575,10 @@ func TestSchemaRejectsBadValues(t *testing.T) {
 		{"maxSurge not a number or percentage", `strategy: {rollingUpdate: {maxSurge: lots}}`, "/strategy/rollingUpdate/maxSurge"},
 		{"negative shutdown delay", `shutdown: {delaySeconds: -1}`, "/shutdown/delaySeconds"},
 		{"shutdown timeout as a duration string", `shutdown: {timeoutSeconds: 20s}`, "/shutdown/timeoutSeconds"},
+		{"peers.enabled not a boolean", `peers: {enabled: "no"}`, "/peers/enabled"},
+		{"peer port out of range", `peers: {port: 0}`, "/peers/port"},
+		{"peer Secret name not a name", `peers: {existingSecret: "My Key"}`, "/peers/existingSecret"},
+		{"unknown key under peers", `peers: {key: abc}`, "'key'"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := runHelm(t, "template", release, chartDir, "-f", valuesFile(t, tc.values))
@@ -667,6 +764,22 @@ func TestInstall(t *testing.T) {
 		}
 	}
 
+	// The peer key is kept on upgrade: new replicas must join the old ones.
+	peerKey := func() []byte {
+		var sec corev1.Secret
+		if err := k8s.Get(ctx, client.ObjectKey{Namespace: namespace, Name: "stickylb-peers"}, &sec); err != nil {
+			t.Fatalf("peer key Secret: %v", err)
+		}
+		return sec.Data["key"]
+	}
+	installed := peerKey()
+	if _, err := runHelm(t, "upgrade", release, chartDir, "--namespace", namespace, "--kubeconfig", kcPath, "--timeout", "1m"); err != nil {
+		t.Fatal(err)
+	}
+	if upgraded := peerKey(); !bytes.Equal(upgraded, installed) || len(installed) == 0 {
+		t.Errorf("helm upgrade changed the peer key: %q, then %q", installed, upgraded)
+	}
+
 	// A pod of the Deployment passes Pod Security admission at "restricted"...
 	d := only[appsv1.Deployment](t, rendered, "Deployment", "stickylb")
 	pod := &corev1.Pod{
@@ -744,6 +857,15 @@ func checkManagerWithChartRBAC(ctx context.Context, t *testing.T, cfg *rest.Conf
 			a = "--health-probe-bind-address=" + healthAddr
 		case strings.HasPrefix(a, "--shutdown-delay="):
 			a = "--shutdown-delay=0s" // no kube-proxy here; spare the test the wait
+		case strings.HasPrefix(a, "--peer-key-file="):
+			// No kubelet mounts the Secret here: the same kind of key, in a file.
+			keyFile := filepath.Join(dir, "peer-key")
+			if err := os.WriteFile(keyFile, []byte(base64.StdEncoding.EncodeToString(bytes.Repeat([]byte{7}, 32))+"\n"), 0o400); err != nil {
+				t.Fatal(err)
+			}
+			a = "--peer-key-file=" + keyFile
+		case strings.HasPrefix(a, "--peer-bind-address="):
+			a = "--peer-bind-address=" + testenv.FreeAddr(t)
 		}
 		args = append(args, a)
 	}
@@ -832,6 +954,13 @@ func checkManagerWithChartRBAC(ctx context.Context, t *testing.T, cfg *rest.Conf
 	}
 	if code, body := scrape(scraper); code != http.StatusOK || !strings.Contains(body, "controller_runtime_") {
 		t.Errorf("/metrics as a metrics-reader: %d, want 200 and controller-runtime metrics; body:\n%.500s", code, body)
+	}
+	// It peers (the chart gives it a key), and finds no other replica to join.
+	for !strings.Contains(logs.String(), `"no peers to join`) {
+		if ctx.Err() != nil {
+			t.Fatalf("the manager never said it peers and has nobody to join:\n%s", logs.String())
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
 	if strings.Contains(logs.String(), "forbidden") {
 		t.Errorf("the manager was refused something with the chart's RBAC:\n%s", logs.String())

@@ -42,3 +42,8 @@ app.kubernetes.io/part-of: stickylb
 {{- define "stickylb.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
+
+{{/* The Secret holding the peer key: peers.existingSecret, else the one the chart makes. */}}
+{{- define "stickylb.peersSecretName" -}}
+{{- default (printf "%s-peers" (include "stickylb.fullname" .)) .Values.peers.existingSecret }}
+{{- end }}
