@@ -485,6 +485,12 @@ func backendIPs(n int) []netip.Addr {
 // front, several at a time, and returns the backend each reached.
 func pins(t *testing.T, front netip.AddrPort, n int) []string {
 	t.Helper()
+	return pinsFrom(t, front, 0, n)
+}
+
+// pinsFrom is pins for the n clients from ClientIP(from) on.
+func pinsFrom(t *testing.T, front netip.AddrPort, from, n int) []string {
+	t.Helper()
 	out := make([]string, n)
 	errs := make([]error, n)
 	var wg sync.WaitGroup
@@ -492,7 +498,7 @@ func pins(t *testing.T, front netip.AddrPort, n int) []string {
 	for range 8 {
 		wg.Go(func() {
 			for i := range next {
-				name, c, err := testbackend.BackendOf(testbackend.ClientIP(i), front)
+				name, c, err := testbackend.BackendOf(testbackend.ClientIP(from+i), front)
 				if err == nil {
 					c.Close()
 				}
