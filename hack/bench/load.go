@@ -23,6 +23,9 @@ type runner struct {
 	backendPort int
 	round       int // the round running, for notes
 	notes       []string
+	// connIPs is, per target, the most distinct client IPs one run of the
+	// short-connections test used.
+	connIPs map[string]int
 }
 
 // note records something the reader of the table should know, once.
@@ -105,7 +108,8 @@ func (r *runner) selected() ([]measurement, error) {
 // measure runs one test against a fresh instance of the target.
 func (r *runner) measure(m measurement, t *target) ([]float64, error) {
 	switch {
-	case m.proxiedOnly && t.name == targetDirect, m.udp && t.name == targetHAProxy:
+	case m.proxiedOnly && t.name == targetDirect, m.udp && t.name == targetHAProxy,
+		t.only != "" && t.only != m.name:
 		return nil, errNotApplicable
 	case t.unavailable != "":
 		return nil, errUnavailable
@@ -128,16 +132,39 @@ func (r *runner) measure(m measurement, t *target) ([]float64, error) {
 // Client source addresses. Each test draws from its own range of 127.0.0.0/8,
 // so ClientIP persistence sees many clients and one test's TIME_WAIT sockets
 // never collide with another's.
-type sourcePool struct{ third, size int } // 127.0.third.1 upward, 254 per /24
+type sourcePool struct{ second, third, size int } // 127.second.third.1 upward, 254 per /24
 
 func (p sourcePool) addr(i int) netip.Addr {
 	k := i % p.size
-	return netip.AddrFrom4([4]byte{127, 0, byte(p.third + k/254), byte(1 + k%254)})
+	n := p.third + k/254 // the /24, counted from 127.second.0.0/24
+	return netip.AddrFrom4([4]byte{127, byte(p.second + n/256), byte(n % 256), byte(1 + k%254)})
+}
+
+// The short-connections test's clients come in groups of connSpacing
+// addresses, and each group connects connReuse times over: a client's
+// first connection makes its pin, the next ones (each connSpacing
+// connections after the one before, long finished) look it up. So one
+// connection in connReuse makes a pin whatever the rate, as long as the
+// pool lasts: at 20,000 conn/s, a run of 4.5 s uses 22,500 of its million
+// addresses.
+const (
+	connReuse   = 4
+	connSpacing = 1000
+)
+
+// connClient is the client (index in connSources) of the i-th connection.
+func connClient(i int) int {
+	return i/(connReuse*connSpacing)*connSpacing + i%connSpacing
+}
+
+// connClients is how many distinct clients the first n connections use.
+func connClients(n int) int {
+	return n/(connReuse*connSpacing)*connSpacing + min(n%(connReuse*connSpacing), connSpacing)
 }
 
 var (
-	connSources = sourcePool{third: 2, size: 2 * 254} // 127.0.2.1-127.0.3.254
-	idleSources = sourcePool{third: 4, size: 4 * 254} // 127.0.4.1-127.0.7.254
+	connSources = sourcePool{second: 16, size: 16 * 256 * 254} // 127.16.0.1-127.31.255.254
+	idleSources = sourcePool{third: 4, size: 4 * 254}          // 127.0.4.1-127.0.7.254
 	udpSources  = sourcePool{third: 8, size: udpSockets}
 	bulkSources = sourcePool{third: 9, size: bulkStreams}
 	pingSource  = sourcePool{third: 10, size: 1}
@@ -262,7 +289,8 @@ func (r *runner) bulk(s *session, mode byte) ([]float64, error) {
 }
 
 // connectionRate measures connect, echo a few bytes, close, from connWorkers
-// workers rotating over connSources; it also counts the failures.
+// workers drawing clients from connSources (see connClient); it also counts
+// the failures.
 func (r *runner) connectionRate(s *session) ([]float64, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	var next atomic.Int64
@@ -274,8 +302,8 @@ func (r *runner) connectionRate(s *session) ([]float64, error) {
 	for w := range connWorkers {
 		wg.Go(func() {
 			for ctx.Err() == nil {
-				i := int(next.Add(1))
-				if err := shortConnection(ctx, connSources.addr(i), s.tcp(i)); err != nil {
+				i := int(next.Add(1)) - 1
+				if err := shortConnection(ctx, connSources.addr(connClient(i)), s.tcp(i)); err != nil {
 					if ctx.Err() != nil {
 						return
 					}
@@ -291,6 +319,10 @@ func (r *runner) connectionRate(s *session) ([]float64, error) {
 	n, elapsed, _ := r.sample(nil, done.sum)
 	cancel()
 	wg.Wait()
+	if r.connIPs == nil {
+		r.connIPs = map[string]int{}
+	}
+	r.connIPs[s.name()] = max(r.connIPs[s.name()], connClients(int(next.Load())))
 	failures := errs.sum() // over warm-up and window: any failure matters
 	if failures > 0 {
 		r.note("%s short connections, round %d: first failure: %v", s.name(), r.round, firstErr)
@@ -573,5 +605,5 @@ func logProgress(round int, m measurement, t *target, values []float64, err erro
 			msg += fmt.Sprintf(" %s %s", formatValue(v, m.rows[i].Prec), m.rows[i].Unit)
 		}
 	}
-	fmt.Fprintf(os.Stderr, "bench: round %d %-12s %-9s %5.1fs %s\n", round, m.name, t.name, took.Seconds(), msg)
+	fmt.Fprintf(os.Stderr, "bench: round %d %-12s %-15s %5.1fs %s\n", round, m.name, t.name, took.Seconds(), msg)
 }

@@ -9,6 +9,16 @@
 // ping-pong latency over one connection, RSS and file descriptors per idle
 // proxied connection, and UDP echo datagrams per second.
 //
+// The stickylb target's rule leaves sessionPersistenceTimeoutInMinutes
+// unset: ClientIP clients are pinned to their backend (issue 13), as users
+// get by default. A fourth target, stickylb-nopins, is the same binary with
+// the rule's sessionPersistenceTimeoutInMinutes: 0 (no pins, Maglev only);
+// it runs in the short-connections test only, right before or after
+// stickylb, and its column is printed in a table of its own, pins on vs off.
+// In that test the clients are many (about a quarter as many as the
+// connections, from 127.16.0.1 up) and each connects 4 times, so that the
+// pin table both grows and is read while the clock runs.
+//
 // The build machines are shared and noisy: absolute numbers move from run to
 // run, so the table also prints ratios between targets measured back to back
 // in the same run, and the issue's targets are judged on those ratios.
@@ -107,12 +117,15 @@ func run(cfg config) int {
 	res := &results{
 		CPUs:       runtime.NumCPU(),
 		GOMAXPROCS: runtime.GOMAXPROCS(0),
-		Targets:    []string{targetDirect, targetStickylb, targetHAProxy},
+		Targets:    []string{targetDirect, targetStickylb, targetNoPins, targetHAProxy},
 		Cells:      map[string]map[string]cell{},
 	}
-	targets := []*target{{name: targetDirect}, r.stickylbTarget(), r.haproxyTarget()}
-	if t := targets[2]; t.unavailable == "" {
-		res.HAProxy = haproxyVersion(t.bin)
+	// stickylb and stickylb-nopins side by side: every round runs them back
+	// to back, one first then the other.
+	haproxy := r.haproxyTarget()
+	targets := []*target{{name: targetDirect}, r.stickylbTarget(), r.noPinsTarget(), haproxy}
+	if haproxy.unavailable == "" {
+		res.HAProxy = haproxyVersion(haproxy.bin)
 	}
 	printHeader(os.Stdout, r, res)
 
@@ -160,6 +173,17 @@ func run(cfg config) int {
 		if t.unavailable != "" {
 			r.note("%s unavailable: %s", t.name, t.unavailable)
 		}
+	}
+	if len(r.connIPs) > 0 {
+		var used []string
+		for _, t := range targets {
+			if n, ok := r.connIPs[t.name]; ok {
+				used = append(used, fmt.Sprintf("%s %d", t.name, n))
+			}
+		}
+		r.note("short connections: clients from %s up, each connecting %d times, %d connections apart "+
+			"(with pins, 1 connection in %d makes a pin and the others look one up); distinct client IPs, most in one run: %s",
+			connSources.addr(0), connReuse, connSpacing, connReuse, strings.Join(used, ", "))
 	}
 
 	fmt.Println()

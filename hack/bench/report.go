@@ -139,7 +139,9 @@ func (res *results) ratio(rw row, a, b string) string {
 }
 
 // printTable prints absolute values, then stickylb and HAProxy relative to
-// direct, then stickylb relative to HAProxy.
+// direct, then stickylb relative to HAProxy. The rows stickylb-nopins was
+// measured in follow in a table of their own: stickylb with pins (its
+// default) and without, and their ratio.
 func printTable(w io.Writer, res *results) {
 	header := []string{"metric", "unit", targetDirect, targetStickylb, targetHAProxy, "stickylb/direct", "haproxy/direct", "stickylb/haproxy"}
 	lines := [][]string{header}
@@ -150,7 +152,27 @@ func printTable(w io.Writer, res *results) {
 			res.ratio(rw, targetStickylb, targetDirect), res.ratio(rw, targetHAProxy, targetDirect), res.ratio(rw, targetStickylb, targetHAProxy),
 		})
 	}
-	widths := make([]int, len(header))
+	printLines(w, lines)
+
+	pinLines := [][]string{{"pins on vs off", "unit", "stickylb (pins on)", targetNoPins + " (off)", "on/off"}}
+	for _, rw := range res.Rows {
+		if st := res.get(rw.Key, targetNoPins).State; st == stateNA || st == stateNotMeasured {
+			continue
+		}
+		pinLines = append(pinLines, []string{
+			rw.Label, rw.Unit, res.format(rw, targetStickylb), res.format(rw, targetNoPins), res.ratio(rw, targetStickylb, targetNoPins),
+		})
+	}
+	if len(pinLines) > 1 {
+		fmt.Fprintln(w)
+		printLines(w, pinLines)
+	}
+}
+
+// printLines prints a table: the first two columns are text, aligned left,
+// the others numbers, aligned right.
+func printLines(w io.Writer, lines [][]string) {
+	widths := make([]int, len(lines[0]))
 	for _, l := range lines {
 		for i, f := range l {
 			widths[i] = max(widths[i], utf8.RuneCountInString(f))
@@ -175,6 +197,9 @@ type benchResult struct {
 	nsPerOp     float64
 	allocsPerOp float64
 	hasAllocs   bool
+	// metrics are all the line's values by unit, "ns/op" and "allocs/op"
+	// as well as those a benchmark reports itself (b.ReportMetric).
+	metrics map[string]float64
 }
 
 // parseBench reads `go test -bench` output into results keyed by
@@ -199,12 +224,13 @@ func parseBench(r io.Reader) map[string]benchResult {
 				name = name[:i]
 			}
 		}
-		var br benchResult
+		br := benchResult{metrics: map[string]float64{}}
 		for i := 2; i+1 < len(f); i += 2 {
 			v, err := strconv.ParseFloat(f[i], 64)
 			if err != nil {
 				continue
 			}
+			br.metrics[f[i+1]] = v
 			switch f[i+1] {
 			case "ns/op":
 				br.nsPerOp = v
@@ -219,7 +245,10 @@ func parseBench(r io.Reader) map[string]benchResult {
 	return out
 }
 
-const maglevPkg = "github.com/stickylb/stickylb/dataplane/maglev"
+const (
+	maglevPkg = "github.com/stickylb/stickylb/dataplane/maglev"
+	pinsPkg   = "github.com/stickylb/stickylb/dataplane/pins"
+)
 
 // verdictLine is one of the issue's targets, judged.
 type verdictLine struct {
@@ -302,7 +331,42 @@ func verdicts(res *results, micro map[string]benchResult) []verdictLine {
 	} else {
 		out = append(out, verdictLine{"SKIP", "Maglev table build, 1000 backends < 20 ms", "no BenchmarkBuild1000 result"})
 	}
+	out = append(out, pinsVsNoPins(res, rowOf["conn_rate"], 0.95))
+	const pinMemory = "memory per pinned client < 100 B"
+	if pm, ok := micro[pinsPkg+".BenchmarkPinMemory"].metrics["B/pin"]; ok {
+		out = append(out, verdictLine{passFail(pm < 100), pinMemory, fmt.Sprintf("%.1f B/pin (Go heap, 1,000,000 pins in one table)", pm)})
+	} else {
+		out = append(out, verdictLine{"SKIP", pinMemory, "no BenchmarkPinMemory B/pin result"})
+	}
 	return out
+}
+
+// pinsVsNoPins compares the short-connection rate of stickylb with pins (its
+// default) with that of the same binary with sessionPersistenceTimeoutInMinutes:
+// 0, measured back to back in the same run: pins on must reach factor × off.
+func pinsVsNoPins(res *results, rw row, factor float64) verdictLine {
+	v := verdictLine{target: fmt.Sprintf("pins on vs off, short connections ≥ %.2f×", factor)}
+	on, off := res.get("conn_rate", targetStickylb), res.get("conn_rate", targetNoPins)
+	switch {
+	case on.State == stateFailed:
+		v.result, v.detail = "FAIL", "the stickylb measurement failed (see the notes)"
+	case off.State == stateFailed:
+		v.result, v.detail = "FAIL", "the stickylb-nopins measurement failed (see the notes)"
+	case on.State != stateOK:
+		v.result, v.detail = "SKIP", "stickylb "+on.State
+	case off.State != stateOK:
+		v.result, v.detail = "SKIP", "stickylb-nopins "+off.State
+	case off.Value == 0:
+		v.result, v.detail = "FAIL", "stickylb-nopins made no connection"
+	default:
+		v.result = passFail(on.Value >= factor*off.Value)
+		v.detail = fmt.Sprintf("on %s vs off %s %s (%.2f×)", formatValue(on.Value, rw.Prec), formatValue(off.Value, rw.Prec), rw.Unit, on.Value/off.Value)
+		failedOn, failedOff := res.get("conn_errors", targetStickylb), res.get("conn_errors", targetNoPins)
+		if failedOn.Value > 0 || failedOff.Value > 0 {
+			v.detail += fmt.Sprintf("; failed connections: on %g, off %g", failedOn.Value, failedOff.Value)
+		}
+	}
+	return v
 }
 
 func passFail(ok bool) string {

@@ -16,8 +16,14 @@ import (
 
 const (
 	targetDirect   = "direct"
-	targetStickylb = "stickylb"
+	targetStickylb = "stickylb" // the rule as users write it: pins on (sessionPersistenceTimeoutInMinutes unset, 180)
+	targetNoPins   = "stickylb-nopins"
 	targetHAProxy  = "haproxy"
+
+	// noPinsTest is the one test the stickylb-nopins target takes part in:
+	// the cost of pins is the cost of a new flow, and the other tests open
+	// a few long connections, where pins cannot show.
+	noPinsTest = "connections"
 
 	// Frontend ports are searched upward from here, below the ephemeral range
 	// so that no outgoing connection's source port can take them.
@@ -33,6 +39,7 @@ type target struct {
 	name        string
 	bin         string
 	unavailable string // why the column is empty; "" when usable
+	only        string // the one test this target takes part in; "" for all
 }
 
 // A session is a running target: fresh for each test, so no test inherits
@@ -72,6 +79,15 @@ func (r *runner) stickylbTarget() *target {
 	return t
 }
 
+// noPinsTarget is the stickylb binary again, its rule with
+// sessionPersistenceTimeoutInMinutes: 0 (no pins, Maglev only), measured
+// back to back with the stickylb target in the short-connections test only.
+func (r *runner) noPinsTarget() *target {
+	t := r.stickylbTarget()
+	t.name, t.only = targetNoPins, noPinsTest
+	return t
+}
+
 func (r *runner) haproxyTarget() *target {
 	t := &target{name: targetHAProxy}
 	if r.haproxy == "" {
@@ -91,10 +107,10 @@ func (r *runner) start(t *target) (*session, error) {
 	switch t.name {
 	case targetDirect:
 		return directSession(r.backendPort), nil
-	case targetStickylb:
+	case targetStickylb, targetNoPins:
 		return r.startProxy(t, stickylbFirstPort, func(port int) ([]string, error) {
-			rules := filepath.Join(r.tmp, "rules.yaml")
-			if err := os.WriteFile(rules, []byte(r.rulesYAML(port)), 0o644); err != nil {
+			rules := filepath.Join(r.tmp, t.name+"-rules.yaml")
+			if err := os.WriteFile(rules, []byte(r.rulesYAML(port, t.name != targetNoPins)), 0o644); err != nil {
 				return nil, err
 			}
 			args := []string{"proxy", "--rules", rules, "--bind-address", "127.0.0.1", "--metrics-bind-address", "0"}
@@ -151,7 +167,14 @@ func (s *session) stop() error {
 	return nil
 }
 
-func (r *runner) rulesYAML(port int) string {
+// rulesYAML is the benchmark's rule. With pins it leaves
+// sessionPersistenceTimeoutInMinutes unset (180 minutes, the default users
+// get); without, it sets it to 0.
+func (r *runner) rulesYAML(port int, pins bool) string {
+	timeout := ""
+	if !pins {
+		timeout = "  sessionPersistenceTimeoutInMinutes: 0\n"
+	}
 	return fmt.Sprintf(`# Written by hack/bench: one rule, TCP and UDP, over the benchmark backends.
 apiVersion: lb.stickylb.io/v1alpha1
 kind: LoadBalancerRule
@@ -168,7 +191,7 @@ spec:
   protocol: All
   sessionPersistence: ClientIP
   idleTimeoutInMinutes: 5
-`, port, strings.Join(backendIPs, ", "), r.backendPort)
+%s`, port, strings.Join(backendIPs, ", "), r.backendPort, timeout)
 }
 
 // haproxyConfig is HAProxy's nearest equivalent of the rule: TCP only (the
