@@ -243,14 +243,67 @@ func TestUserPath(t *testing.T) {
 				}
 			}
 		}},
-		{"scale the backends 5 to 7 to 4 under load", func(t *testing.T) {
+		{"scale the backends 5 to 7 to 4 under load: pinned clients stay", func(t *testing.T) {
+			const clients = 200
+			before := pinnedBackends(t, k8s, fe, 0, clients)
 			l := startLoad(fe.targets(), 3, 1)
 			kubectl(t, "", "-n", appNS, "scale", "deployment/echo", "--replicas=7")
 			waitHealthy(t, k8s, 7)
+			// Every pinned client, through the ClusterIP and through each
+			// stickylb pod, is still on its pod; new clients reach the new pods.
+			after := pinnedBackends(t, k8s, fe, 0, clients)
+			var moved []string
+			for i := range before {
+				if after[i] != before[i] {
+					moved = append(moved, fmt.Sprintf("%s: %s, then %s", cluster.ClientIP(i), before[i], after[i]))
+				}
+			}
+			if len(moved) > 0 {
+				t.Errorf("scaling 5 to 7 moved %d of %d pinned clients: %v", len(moved), clients, moved[:min(len(moved), 5)])
+			}
+			fresh := pinnedBackends(t, k8s, fe, clients, clients)
+			old := map[string]bool{}
+			for _, b := range before {
+				old[b] = true
+			}
+			toNew := 0
+			for _, b := range fresh {
+				if !old[b] {
+					toNew++
+				}
+			}
+			t.Logf("scale 5 to 7: %d of %d pinned clients moved; %d of %d new clients went to the 2 new pods", len(moved), clients, toNew, clients)
+			if toNew < clients/8 {
+				t.Errorf("only %d of %d new clients reached the 2 new pods", toNew, clients)
+			}
 			kubectl(t, "", "-n", appNS, "scale", "deployment/echo", "--replicas=4")
 			waitHealthy(t, k8s, 4)
 			waitPods(t, k8s, appNS, "app=echo", 4)
 			report = append(report, expectNoFailures(t, "scale 5→7→4", l.stop()))
+			// Scaled down to 4: the clients of the pods that remain stay on them.
+			remain := map[string]bool{}
+			var pods corev1.PodList
+			if err := k8s.List(context.Background(), &pods, client.InNamespace(appNS), client.MatchingLabels{"app": "echo"}); err != nil {
+				t.Fatal(err)
+			}
+			for _, p := range pods.Items {
+				remain[p.Name] = true
+			}
+			down := pinnedBackends(t, k8s, fe, 0, 2*clients)
+			all := append(append([]string(nil), before...), fresh...)
+			stayed, shouldStay := 0, 0
+			for i := range all {
+				if !remain[all[i]] {
+					continue
+				}
+				shouldStay++
+				if down[i] == all[i] {
+					stayed++
+				} else if shouldStay-stayed <= 5 {
+					t.Errorf("scaling 7 to 4 moved %s off %s, which remains, to %s", cluster.ClientIP(i), all[i], down[i])
+				}
+			}
+			t.Logf("scale 7 to 4: %d of the %d clients of the remaining pods stayed", stayed, shouldStay)
 			noRestarts(t, k8s)
 		}},
 		{"rolling update of the backends under load", func(t *testing.T) {
@@ -268,6 +321,13 @@ func TestUserPath(t *testing.T) {
 			kubectl(t, "", "-n", systemNS, "rollout", "status", "deployment/"+release, "--timeout=5m")
 			waitPods(t, k8s, systemNS, "app.kubernetes.io/name=stickylb", 2)
 			report = append(report, expectNoFailures(t, "stickylb rollout restart", l.stop()))
+			// Each new pod found a running one among the pods it watches,
+			// and learned its pins before it turned ready.
+			for _, p := range stickylbPods(t, k8s) {
+				if logs := kubectl(t, "", "-n", systemNS, "logs", p.Name); !strings.Contains(logs, "joined the peers: their pins are merged") {
+					t.Errorf("pod %s did not join its peers:\n%s", p.Name, logs)
+				}
+			}
 			noRestarts(t, k8s)
 		}},
 		{"helm upgrade that changes a value, under load", func(t *testing.T) {
@@ -587,6 +647,52 @@ func stickyEverywhere(t *testing.T, c client.Client, fe frontend) {
 	if len(pods) < 4 {
 		t.Errorf("the clients reached %d backend pods, want at least 4: kube-proxy may have hidden their addresses", len(pods))
 	}
+}
+
+// pinnedBackends asks each of n clients from cluster.ClientIP(from) on for
+// its backend pod over TCP through the ClusterIP and straight through each
+// stickylb pod, and over UDP through the ClusterIP. The paths must agree;
+// it returns the pod each client reached.
+func pinnedBackends(t *testing.T, c client.Client, fe frontend, from, n int) []string {
+	t.Helper()
+	type path struct {
+		name string
+		ask  func(netip.Addr, netip.AddrPort) (string, error)
+		to   netip.AddrPort
+	}
+	paths := []path{{"ClusterIP/TCP", askTCP, fe.ClusterIPPort}, {"ClusterIP/UDP", askUDP, fe.ClusterIPPort}}
+	for _, p := range stickylbPods(t, c) {
+		paths = append(paths, path{p.Name + "/TCP", askTCP, addrPort(t, p.Status.PodIP, 80)})
+	}
+	out := make([]string, n)
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 16)
+	for i := range n {
+		wg.Go(func() {
+			sem <- struct{}{}
+			defer func() { <-sem }()
+			src := cluster.ClientIP(from + i)
+			for _, p := range paths {
+				name, err := p.ask(src, p.to)
+				switch {
+				case err != nil:
+					errs[i] = fmt.Errorf("client %s via %s: %w", src, p.name, err)
+					return
+				case out[i] == "":
+					out[i] = name
+				case name != out[i]:
+					errs[i] = fmt.Errorf("client %s reached %s via %s and %s via %s", src, out[i], paths[0].name, name, p.name)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		t.Fatal(err)
+	}
+	return out
 }
 
 // expectNoFailures fails the test when the load saw a refused or failed new
