@@ -50,6 +50,32 @@ func (p Persistence) String() string {
 	return [...]string{"None", "ClientIP", "ClientIPProtocol"}[p]
 }
 
+// ProxyProtocol is the PROXY protocol header (HAProxy's
+// doc/proxy-protocol.txt) the proxy sends to a backend before any client
+// byte, on TCP flows and on the rule's health probes.
+type ProxyProtocol uint8
+
+const (
+	// ProxyNone sends no header.
+	ProxyNone ProxyProtocol = iota
+	// ProxyV1 sends the text header ("PROXY TCP4 ...\r\n").
+	ProxyV1
+	// ProxyV2 sends the binary header.
+	ProxyV2
+)
+
+func (p ProxyProtocol) String() string {
+	switch p {
+	case ProxyNone:
+		return "None"
+	case ProxyV1:
+		return "V1"
+	case ProxyV2:
+		return "V2"
+	}
+	return fmt.Sprintf("proxy-%d", uint8(p))
+}
+
 // ProbeProtocol is how a backend is actively checked.
 type ProbeProtocol string
 
@@ -104,6 +130,9 @@ type Rule struct {
 	// backend is the table's pick, recomputed on every pool change (Azure).
 	// Only ClientIP and ClientIPProtocol rules pin.
 	PinTimeout time.Duration
+	// ProxyProtocol is the PROXY protocol header sent to backends on TCP
+	// flows and probes; UDP flows never carry one.
+	ProxyProtocol ProxyProtocol
 	// AllProbedUp: when every probed backend is down, send to all of them
 	// (Azure's noHealthyBackendsBehavior AllProbedUp) instead of refusing.
 	AllProbedUp bool
