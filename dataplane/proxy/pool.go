@@ -17,7 +17,7 @@ type backend struct {
 	name string // addr.String(), the Maglev key and the metrics label
 	// pinKey is what pins name the backend by: pins.BackendKey(name).
 	pinKey uint64
-	rule string
+	rule   string
 	// sa is addr as connect(2) takes it; read-only, so every loop may use it.
 	sa rawSockaddr
 

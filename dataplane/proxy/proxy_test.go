@@ -136,7 +136,9 @@ func TestPersistenceModes(t *testing.T) {
 	})
 }
 
-func backendsOf(t *testing.T, n int, port uint16) []string { return testbackend.Pins(t, n, frontend(port)) }
+func backendsOf(t *testing.T, n int, port uint16) []string {
+	return testbackend.Pins(t, n, frontend(port))
+}
 
 func TestPoolChangesMoveFewClients(t *testing.T) {
 	backends := startBackends(t, 11, 9003)
