@@ -80,6 +80,22 @@ const (
 	AllProbedUp NoHealthyBackendsBehavior = "AllProbedUp"
 )
 
+// ProxyProtocol is the PROXY protocol header (HAProxy's
+// doc/proxy-protocol.txt) a rule sends to its backends.
+// +kubebuilder:validation:Enum=None;V1;V2
+type ProxyProtocol string
+
+const (
+	// ProxyProtocolNone sends no header: the backend sees connections coming
+	// from a dataplane pod.
+	ProxyProtocolNone ProxyProtocol = "None"
+	// ProxyProtocolV1 sends the text header, such as
+	// "PROXY TCP4 203.0.113.7 10.96.0.10 51234 80\r\n".
+	ProxyProtocolV1 ProxyProtocol = "V1"
+	// ProxyProtocolV2 sends the binary header.
+	ProxyProtocolV2 ProxyProtocol = "V2"
+)
+
 // Frontend is where clients connect (Azure: the frontend IP configuration and
 // frontend port). Rules with the same frontend name in a namespace share one
 // frontend address.
@@ -170,6 +186,7 @@ type Probe struct {
 // port, a backend pool and port, and how clients are pinned.
 // +kubebuilder:validation:XValidation:rule="!(self.protocol == 'UDP' && self.enableTcpReset)",message="spec.enableTcpReset applies to TCP flows and cannot be true when spec.protocol is UDP",fieldPath=".enableTcpReset"
 // +kubebuilder:validation:XValidation:rule="self.sessionPersistence != 'None' || !has(self.sessionPersistenceTimeoutInMinutes) || self.sessionPersistenceTimeoutInMinutes == 0",message="spec.sessionPersistenceTimeoutInMinutes applies to ClientIP and ClientIPProtocol and must be unset or 0 when spec.sessionPersistence is None",fieldPath=".sessionPersistenceTimeoutInMinutes"
+// +kubebuilder:validation:XValidation:rule="!(self.protocol == 'UDP' && self.proxyProtocol != 'None')",message="spec.proxyProtocol applies to TCP flows and must be None when spec.protocol is UDP",fieldPath=".proxyProtocol"
 type LoadBalancerRuleSpec struct {
 	// Frontend clients connect to.
 	// +required
@@ -229,6 +246,22 @@ type LoadBalancerRuleSpec struct {
 	// +kubebuilder:default=AllProbedDown
 	// +optional
 	NoHealthyBackendsBehavior NoHealthyBackendsBehavior `json:"noHealthyBackendsBehavior,omitempty"`
+
+	// ProxyProtocol sends a PROXY protocol header (HAProxy's specification)
+	// to the backend before any client byte, so that the backend sees the
+	// client's address and port as the source of the connection and the
+	// frontend address and port the client connected to as its destination:
+	// None (no header), V1 (text) or V2 (binary). The backend must expect
+	// the header; one that does not reads it as the start of the client's
+	// data. It applies to TCP flows only: it must be None when protocol is
+	// UDP, and with All only the TCP flows carry the header while UDP
+	// datagrams are forwarded unchanged. The rule's health probes send a
+	// header too, without client information (V2 with the LOCAL command, V1
+	// "PROXY UNKNOWN"), before the HTTP request and before the TLS handshake,
+	// so that a backend that requires the header passes its probe.
+	// +kubebuilder:default=None
+	// +optional
+	ProxyProtocol ProxyProtocol `json:"proxyProtocol,omitempty"`
 }
 
 // FrontendStatus is where clients reach the rule.

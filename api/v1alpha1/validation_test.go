@@ -207,6 +207,23 @@ func TestRejectsMalformedRules(t *testing.T) {
 			set(r, "protocol", "UDP")
 			set(r, "enableTcpReset", true)
 		}, []string{"spec.enableTcpReset", "cannot be true when spec.protocol is UDP"}},
+		{"proxyProtocol V2 with UDP", func(r map[string]any) {
+			set(r, "protocol", "UDP")
+			set(r, "proxyProtocol", "V2")
+		}, []string{"spec.proxyProtocol: Invalid value: spec.proxyProtocol applies to TCP flows and must be None when spec.protocol is UDP"}},
+		{"proxyProtocol V1 with UDP", func(r map[string]any) {
+			set(r, "protocol", "UDP")
+			set(r, "proxyProtocol", "V1")
+		}, []string{"spec.proxyProtocol", "must be None when spec.protocol is UDP"}},
+		{"proxyProtocol V2 with UDP, no probe", func(r map[string]any) {
+			set(r, "protocol", "UDP")
+			set(r, "probe", nil)
+			set(r, "proxyProtocol", "V2")
+		}, []string{"spec.proxyProtocol", "must be None when spec.protocol is UDP"}},
+		{"proxyProtocol V3", func(r map[string]any) { set(r, "proxyProtocol", "V3") }, []string{"spec.proxyProtocol", "Unsupported value", `"V3"`}},
+		{"proxyProtocol lowercase", func(r map[string]any) { set(r, "proxyProtocol", "v2") }, []string{"spec.proxyProtocol", "Unsupported value"}},
+		{"proxyProtocol empty", func(r map[string]any) { set(r, "proxyProtocol", "") }, []string{"spec.proxyProtocol", "Unsupported value"}},
+		{"proxyProtocol not a string", func(r map[string]any) { set(r, "proxyProtocol", 2) }, []string{"spec.proxyProtocol", "must be of type string"}},
 		{"probe protocol missing", func(r map[string]any) { set(r, "probe.protocol", nil) }, []string{"spec.probe.protocol", "Required"}},
 		{"probe protocol UDP", func(r map[string]any) { set(r, "probe.protocol", "UDP") }, []string{"spec.probe.protocol", "Unsupported value"}},
 		{"HTTP probe without path", func(r map[string]any) { set(r, "probe.requestPath", nil) }, []string{"spec.probe.requestPath", "required when spec.probe.protocol is HTTP or HTTPS"}},
@@ -308,6 +325,17 @@ func TestAcceptsValidEdgeCases(t *testing.T) {
 			set(r, "probe", nil)
 		}},
 		{"All with reset", func(r map[string]any) { set(r, "protocol", "All"); set(r, "enableTcpReset", true) }},
+		{"All with proxyProtocol V2", func(r map[string]any) { set(r, "protocol", "All"); set(r, "proxyProtocol", "V2") }},
+		{"TCP with proxyProtocol V1", func(r map[string]any) { set(r, "protocol", "TCP"); set(r, "proxyProtocol", "V1") }},
+		{"TCP probe with proxyProtocol V2", func(r map[string]any) {
+			set(r, "proxyProtocol", "V2")
+			set(r, "probe", map[string]any{"protocol": "TCP"})
+		}},
+		{"UDP with proxyProtocol None", func(r map[string]any) {
+			set(r, "protocol", "UDP")
+			set(r, "proxyProtocol", "None")
+			set(r, "probe", nil)
+		}},
 		{"every persistence mode", func(r map[string]any) { set(r, "sessionPersistence", "ClientIPProtocol") }},
 		{"persistence None", func(r map[string]any) { set(r, "sessionPersistence", "None") }},
 		{"persistence timeout 0 with None", func(r map[string]any) {
@@ -332,6 +360,61 @@ func TestAcceptsValidEdgeCases(t *testing.T) {
 				t.Fatalf("rejected: %v", err)
 			}
 		})
+	}
+}
+
+// TestProxyProtocolReadsBack: spec.proxyProtocol defaults to None, also
+// under UDP, and V1/V2 are stored as given.
+func TestProxyProtocolReadsBack(t *testing.T) {
+	cases := []struct {
+		name     string
+		protocol string
+		proxy    any // nil: unset
+		want     lbv1alpha1.ProxyProtocol
+	}{
+		{"TCP unset", "TCP", nil, lbv1alpha1.ProxyProtocolNone},
+		{"UDP unset", "UDP", nil, lbv1alpha1.ProxyProtocolNone},
+		{"All unset", "All", nil, lbv1alpha1.ProxyProtocolNone},
+		{"TCP V1", "TCP", "V1", lbv1alpha1.ProxyProtocolV1},
+		{"All V2", "All", "V2", lbv1alpha1.ProxyProtocolV2},
+		{"UDP None", "UDP", "None", lbv1alpha1.ProxyProtocolNone},
+	}
+	for i, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			r := validRule()
+			set(r, "protocol", tc.protocol)
+			set(r, "proxyProtocol", tc.proxy)
+			name := fmt.Sprintf("proxy-protocol-%d", i)
+			if err := create(t, name, r); err != nil {
+				t.Fatalf("rejected: %v", err)
+			}
+			var got lbv1alpha1.LoadBalancerRule
+			if err := k8s.Get(context.Background(), client.ObjectKey{Namespace: "default", Name: name}, &got); err != nil {
+				t.Fatal(err)
+			}
+			if got.Spec.ProxyProtocol != tc.want {
+				t.Errorf("spec.proxyProtocol = %q, want %q", got.Spec.ProxyProtocol, tc.want)
+			}
+		})
+	}
+}
+
+// TestProxyProtocolExplained: kubectl explain says that the header applies
+// to TCP flows only, also with All.
+func TestProxyProtocolExplained(t *testing.T) {
+	var crd apiextensionsv1.CustomResourceDefinition
+	if err := k8s.Get(context.Background(), client.ObjectKey{Name: "loadbalancerrules.lb.stickylb.io"}, &crd); err != nil {
+		t.Fatal(err)
+	}
+	field, ok := crd.Spec.Versions[0].Schema.OpenAPIV3Schema.Properties["spec"].Properties["proxyProtocol"]
+	if !ok {
+		t.Fatal("no spec.proxyProtocol in the schema")
+	}
+	desc := strings.Join(strings.Fields(field.Description), " ")
+	for _, w := range []string{"TCP flows only", "must be None when protocol is UDP", "with All only the TCP flows carry the header", "health probes"} {
+		if !strings.Contains(desc, w) {
+			t.Errorf("spec.proxyProtocol description does not say %q:\n%s", w, field.Description)
+		}
 	}
 }
 
@@ -447,6 +530,7 @@ func TestDefaultsApplied(t *testing.T) {
 		{"spec.probe.probeThreshold", s.Probe.ProbeThreshold, int32(1)},
 		{"spec.probe.port", s.Probe.Port, (*lbv1alpha1.PortNumber)(nil)},
 		{"spec.sessionPersistenceTimeoutInMinutes", s.SessionPersistenceTimeoutInMinutes, (*int32)(nil)},
+		{"spec.proxyProtocol", s.ProxyProtocol, lbv1alpha1.ProxyProtocolNone},
 	}
 	for _, c := range checks {
 		if fmt.Sprint(c.got) != fmt.Sprint(c.want) {

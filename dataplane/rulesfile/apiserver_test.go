@@ -68,6 +68,15 @@ func TestAgreesWithTheAPIServer(t *testing.T) {
 			setSpec(r, "sessionPersistence", "None")
 			setSpec(r, "sessionPersistenceTimeoutInMinutes", 5)
 		}, []string{"spec.enableTcpReset", "spec.sessionPersistenceTimeoutInMinutes"}},
+		{"two CEL errors on spec, proxyProtocol", func(r map[string]any) {
+			setSpec(r, "protocol", "UDP")
+			setSpec(r, "enableTcpReset", true)
+			setSpec(r, "proxyProtocol", "V2")
+		}, []string{"spec.enableTcpReset", "spec.proxyProtocol"}},
+		{"proxyProtocol V3 with UDP", func(r map[string]any) {
+			setSpec(r, "protocol", "UDP")
+			setSpec(r, "proxyProtocol", "V3")
+		}, []string{"spec.proxyProtocol", "Unsupported value"}},
 		// A bound error does not stop CEL: the value is out of range and set with None.
 		{"persistence timeout 1441 with None", func(r map[string]any) {
 			setSpec(r, "sessionPersistence", "None")

@@ -145,6 +145,18 @@ func malformedCases() []ruleCase {
 			setSpec(r, "protocol", "UDP")
 			setSpec(r, "enableTcpReset", true)
 		}, []string{"spec.enableTcpReset", "cannot be true when spec.protocol is UDP"}},
+		{"proxyProtocol V2 with UDP", func(r map[string]any) {
+			setSpec(r, "protocol", "UDP")
+			setSpec(r, "proxyProtocol", "V2")
+		}, []string{"spec.proxyProtocol: Invalid value: spec.proxyProtocol applies to TCP flows and must be None when spec.protocol is UDP"}},
+		{"proxyProtocol V1 with UDP", func(r map[string]any) {
+			setSpec(r, "protocol", "UDP")
+			setSpec(r, "proxyProtocol", "V1")
+		}, []string{"spec.proxyProtocol", "must be None when spec.protocol is UDP"}},
+		{"proxyProtocol V3", func(r map[string]any) { setSpec(r, "proxyProtocol", "V3") }, []string{"spec.proxyProtocol", "Unsupported value", `"V3"`}},
+		{"proxyProtocol lowercase", func(r map[string]any) { setSpec(r, "proxyProtocol", "v2") }, []string{"spec.proxyProtocol", "Unsupported value"}},
+		{"proxyProtocol empty", func(r map[string]any) { setSpec(r, "proxyProtocol", "") }, []string{"spec.proxyProtocol", "Unsupported value"}},
+		{"proxyProtocol not a string", func(r map[string]any) { setSpec(r, "proxyProtocol", 2) }, []string{"spec.proxyProtocol", "must be of type string"}},
 		{"probe protocol missing", func(r map[string]any) { setSpec(r, "probe.protocol", nil) }, []string{"spec.probe.protocol: Required value"}},
 		{"probe protocol UDP", func(r map[string]any) { setSpec(r, "probe.protocol", "UDP") }, []string{"spec.probe.protocol", "Unsupported value"}},
 		{"HTTP probe without path", func(r map[string]any) { setSpec(r, "probe.requestPath", nil) }, []string{"spec.probe.requestPath", "required when spec.probe.protocol is HTTP or HTTPS"}},
@@ -195,6 +207,20 @@ func validCases() []ruleCase {
 			setSpec(r, "sessionPersistenceTimeoutInMinutes", 0)
 		}, nil},
 		{"None, persistence timeout unset", func(r map[string]any) { setSpec(r, "sessionPersistence", "None") }, nil},
+		{"All, proxyProtocol V2", func(r map[string]any) {
+			setSpec(r, "protocol", "All")
+			setSpec(r, "proxyProtocol", "V2")
+		}, nil},
+		{"TCP, proxyProtocol V1", func(r map[string]any) { setSpec(r, "proxyProtocol", "V1") }, nil},
+		{"TCP, proxyProtocol V2, TCP probe", func(r map[string]any) {
+			setSpec(r, "proxyProtocol", "V2")
+			setSpec(r, "probe", map[string]any{"protocol": "TCP"})
+		}, nil},
+		{"UDP, proxyProtocol None", func(r map[string]any) {
+			setSpec(r, "protocol", "UDP")
+			setSpec(r, "proxyProtocol", "None")
+		}, nil},
+		{"UDP, proxyProtocol unset", func(r map[string]any) { setSpec(r, "protocol", "UDP") }, nil},
 		{"UDP, ClientIPProtocol, AllProbedUp", func(r map[string]any) {
 			setSpec(r, "protocol", "UDP")
 			setSpec(r, "sessionPersistence", "ClientIPProtocol")
@@ -260,6 +286,22 @@ func TestExactMessage(t *testing.T) {
 	want := "rules.yaml: document 2 (web): spec.frontend.port: Invalid value: 0: spec.frontend.port in body should be greater than or equal to 1"
 	if err == nil || err.Error() != want {
 		t.Fatalf("got  %v\nwant %s", err, want)
+	}
+}
+
+// TestProxyProtocolWithUDPMessage: a UDP rule asking for a PROXY protocol
+// header is refused with the CRD's message, which names the field.
+func TestProxyProtocolWithUDPMessage(t *testing.T) {
+	for _, v := range []string{"V1", "V2"} {
+		r := baseRule()
+		r["metadata"] = map[string]any{"name": "game"}
+		setSpec(r, "protocol", "UDP")
+		setSpec(r, "proxyProtocol", v)
+		_, err := Parse("rules.yaml", toYAML(t, r))
+		want := "rules.yaml: document 1 (game): spec.proxyProtocol: Invalid value: spec.proxyProtocol applies to TCP flows and must be None when spec.protocol is UDP"
+		if err == nil || err.Error() != want {
+			t.Errorf("%s: got  %v\nwant %s", v, err, want)
+		}
 	}
 }
 
@@ -370,6 +412,7 @@ spec:
 		{"spec.probe.port", r.Spec.Probe.Port, (*v1alpha1.PortNumber)(nil)},
 		// No schema default: translation applies 180 minutes to ClientIP rules.
 		{"spec.sessionPersistenceTimeoutInMinutes", r.Spec.SessionPersistenceTimeoutInMinutes, (*int32)(nil)},
+		{"spec.proxyProtocol", r.Spec.ProxyProtocol, v1alpha1.ProxyProtocolNone},
 	}
 	for _, c := range checks {
 		if c.got != c.want {
