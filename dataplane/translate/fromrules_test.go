@@ -39,6 +39,10 @@ func TestFromRules(t *testing.T) {
 		{"same rule twice", []v1alpha1.LoadBalancerRule{lbr("default", "a", 80), lbr("default", "a", 81)}, loopback,
 			[]string{"rule default/a is defined twice"}},
 		{"invalid spec", []v1alpha1.LoadBalancerRule{lbr("default", "a", 0)}, loopback, []string{"rule default/a: spec.frontend.port"}},
+		// Built in code, so not checked by the schema's CEL rule.
+		{"proxy protocol with UDP", []v1alpha1.LoadBalancerRule{lbr("default", "a", 53, protocol(v1alpha1.ProtocolUDP), func(r *v1alpha1.LoadBalancerRule) {
+			r.Spec.ProxyProtocol = v1alpha1.ProxyProtocolV2
+		})}, loopback, []string{`rule default/a: spec.proxyProtocol: Invalid value: "V2": applies to TCP flows and must be None when spec.protocol is UDP`}},
 		{"no bind address", []v1alpha1.LoadBalancerRule{lbr("default", "a", 80)}, netip.Addr{}, []string{"bind address"}},
 	}
 	for _, tc := range cases {
@@ -95,9 +99,25 @@ func TestRulesFile(t *testing.T) {
 		Probe:       &snapshot.Probe{Protocol: snapshot.ProbeTCP, Port: 53, Interval: 5 * time.Second, Threshold: 1},
 		AllProbedUp: true,
 		Backends:    []snapshot.Backend{at("10.20.0.10"), at("10.20.0.11"), at("fd00:20::12")},
+
+		ProxyProtocol: snapshot.ProxyNone, // defaulted by the file's schema
 	}
 	if len(snap.Rules) != 1 || !reflect.DeepEqual(snap.Rules[0], want) {
 		t.Fatalf("got  %+v\nwant %+v", snap.Rules, want)
+	}
+
+	// With proxyProtocol V2 the All rule keeps it: its TCP flows carry the header.
+	v2 := strings.Replace(string(data), "protocol: All\n", "protocol: All\n  proxyProtocol: V2\n", 1)
+	rules, err = rulesfile.Parse("dns.yaml", []byte(v2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if snap, err = FromRules(rules, loopback, 1); err != nil {
+		t.Fatal(err)
+	}
+	want.ProxyProtocol = snapshot.ProxyV2
+	if len(snap.Rules) != 1 || !reflect.DeepEqual(snap.Rules[0], want) {
+		t.Fatalf("proxyProtocol V2: got  %+v\nwant %+v", snap.Rules, want)
 	}
 
 	// A second rule on UDP 53 is valid on its own, but not next to dns.

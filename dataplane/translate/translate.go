@@ -211,6 +211,10 @@ func translateRule(r *v1alpha1.LoadBalancerRule, bind netip.Addr, pools map[serv
 	if msg != "" {
 		return invalid("%s", msg)
 	}
+	proxyProtocol, msg := translateProxyProtocol(spec.ProxyProtocol, spec.Protocol)
+	if msg != "" {
+		return invalid("%s", msg)
+	}
 	idle := defaultIdleTimeout
 	if spec.IdleTimeoutInMinutes > 0 {
 		idle = time.Duration(spec.IdleTimeoutInMinutes) * time.Minute
@@ -237,6 +241,8 @@ func translateRule(r *v1alpha1.LoadBalancerRule, bind netip.Addr, pools map[serv
 		TCPReset:    spec.EnableTcpReset,
 		Probe:       probe,
 		AllProbedUp: spec.NoHealthyBackendsBehavior == v1alpha1.AllProbedUp,
+
+		ProxyProtocol: proxyProtocol,
 	}
 	res := Result{ResolvedRefs: true}
 	switch pool := spec.BackendPool; {
@@ -287,6 +293,28 @@ func translatePinTimeout(minutes *int32, persistence snapshot.Persistence) (time
 		return 0, fmt.Sprintf("spec.sessionPersistenceTimeoutInMinutes: Invalid value: %d: applies to ClientIP and ClientIPProtocol and must be unset or 0 when spec.sessionPersistence is None", m)
 	}
 	return time.Duration(m) * time.Minute, ""
+}
+
+// translateProxyProtocol is the PROXY protocol header sent to backends, none
+// when spec.proxyProtocol is unset. It applies to TCP flows: with All only
+// the TCP flows carry it, and with UDP alone it must be None. The API server
+// refuses the values it reports; they come only from rules built in code.
+func translateProxyProtocol(p v1alpha1.ProxyProtocol, protocol v1alpha1.Protocol) (snapshot.ProxyProtocol, string) {
+	var out snapshot.ProxyProtocol
+	switch p {
+	case v1alpha1.ProxyProtocolNone, "":
+		return snapshot.ProxyNone, ""
+	case v1alpha1.ProxyProtocolV1:
+		out = snapshot.ProxyV1
+	case v1alpha1.ProxyProtocolV2:
+		out = snapshot.ProxyV2
+	default:
+		return snapshot.ProxyNone, fmt.Sprintf("spec.proxyProtocol: Unsupported value: %q: supported values: \"None\", \"V1\", \"V2\"", p)
+	}
+	if protocol == v1alpha1.ProtocolUDP {
+		return snapshot.ProxyNone, fmt.Sprintf("spec.proxyProtocol: Invalid value: %q: applies to TCP flows and must be None when spec.protocol is UDP", p)
+	}
+	return out, ""
 }
 
 func translateProbe(p *v1alpha1.Probe, backendPort uint16) (*snapshot.Probe, string) {

@@ -144,6 +144,7 @@ func TestTranslatesEveryField(t *testing.T) {
 		r.Spec.EnableTcpReset = true
 		r.Spec.NoHealthyBackendsBehavior = v1alpha1.AllProbedUp
 		r.Spec.Probe = &v1alpha1.Probe{Protocol: v1alpha1.ProbeProtocolHTTPS, Port: &probePort, RequestPath: "/healthz", IntervalInSeconds: 20, ProbeThreshold: 3}
+		r.Spec.ProxyProtocol = v1alpha1.ProxyProtocolV2
 	})
 	snap, results := translate(t, Input{Rules: []v1alpha1.LoadBalancerRule{web}, Bind: bind, Version: 42})
 
@@ -164,6 +165,8 @@ func TestTranslatesEveryField(t *testing.T) {
 		Probe:       &snapshot.Probe{Protocol: snapshot.ProbeHTTPS, Port: 9090, Path: "/healthz", Interval: 20 * time.Second, Threshold: 3},
 		AllProbedUp: true,
 		Backends:    []snapshot.Backend{at("10.0.0.1"), at("10.0.0.3"), at("10.0.0.9"), at("fd00::2")},
+
+		ProxyProtocol: snapshot.ProxyV2,
 	}}}
 	if !reflect.DeepEqual(snap, want) {
 		t.Errorf("got\n%+v\nwant\n%+v", snap, want)
@@ -281,6 +284,47 @@ func TestPinTimeout(t *testing.T) {
 	}
 	if v1alpha1.DefaultSessionPersistenceTimeoutInMinutes != 180 {
 		t.Errorf("DefaultSessionPersistenceTimeoutInMinutes = %d, want 180 (kube-proxy's 3 hours)", v1alpha1.DefaultSessionPersistenceTimeoutInMinutes)
+	}
+}
+
+// TestProxyProtocol: spec.proxyProtocol becomes the rule's ProxyProtocol,
+// none when unset. With All it is kept: only the TCP flows carry the header.
+func TestProxyProtocol(t *testing.T) {
+	cases := []struct {
+		name     string
+		protocol v1alpha1.Protocol
+		proxy    v1alpha1.ProxyProtocol
+		want     snapshot.ProxyProtocol
+	}{
+		{"unset is None", v1alpha1.ProtocolTCP, "", snapshot.ProxyNone},
+		{"TCP None", v1alpha1.ProtocolTCP, v1alpha1.ProxyProtocolNone, snapshot.ProxyNone},
+		{"TCP V1", v1alpha1.ProtocolTCP, v1alpha1.ProxyProtocolV1, snapshot.ProxyV1},
+		{"TCP V2", v1alpha1.ProtocolTCP, v1alpha1.ProxyProtocolV2, snapshot.ProxyV2},
+		{"protocol unset (TCP) V2", "", v1alpha1.ProxyProtocolV2, snapshot.ProxyV2},
+		{"All V1", v1alpha1.ProtocolAll, v1alpha1.ProxyProtocolV1, snapshot.ProxyV1},
+		{"All V2", v1alpha1.ProtocolAll, v1alpha1.ProxyProtocolV2, snapshot.ProxyV2},
+		{"UDP None", v1alpha1.ProtocolUDP, v1alpha1.ProxyProtocolNone, snapshot.ProxyNone},
+		{"UDP unset", v1alpha1.ProtocolUDP, "", snapshot.ProxyNone},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			r := lbr("ns", "r", 80, func(r *v1alpha1.LoadBalancerRule) {
+				r.Spec.Protocol = tc.protocol
+				r.Spec.ProxyProtocol = tc.proxy
+			})
+			snap, results := translate(t, Input{Rules: []v1alpha1.LoadBalancerRule{r}, Bind: bind})
+			if res := results[types.NamespacedName{Namespace: "ns", Name: "r"}]; !res.Accepted {
+				t.Fatalf("not accepted: %+v", res)
+			}
+			if got := snap.Rules[0].ProxyProtocol; got != tc.want {
+				t.Errorf("ProxyProtocol = %v, want %v", got, tc.want)
+			}
+		})
+	}
+	for p, want := range map[snapshot.ProxyProtocol]string{snapshot.ProxyNone: "None", snapshot.ProxyV1: "V1", snapshot.ProxyV2: "V2"} {
+		if got := p.String(); got != want {
+			t.Errorf("ProxyProtocol(%d).String() = %q, want %q", uint8(p), got, want)
+		}
 	}
 }
 
@@ -514,6 +558,15 @@ func TestInvalidSpecs(t *testing.T) {
 			r.Spec.SessionPersistence = v1alpha1.SessionPersistenceClientIP
 			r.Spec.SessionPersistenceTimeoutInMinutes = ptr(int32(1441))
 		}, "spec.sessionPersistenceTimeoutInMinutes"},
+		{"proxy protocol V2 with UDP", func(r *v1alpha1.LoadBalancerRule) {
+			r.Spec.Protocol = v1alpha1.ProtocolUDP
+			r.Spec.ProxyProtocol = v1alpha1.ProxyProtocolV2
+		}, "spec.proxyProtocol"},
+		{"proxy protocol V1 with UDP", func(r *v1alpha1.LoadBalancerRule) {
+			r.Spec.Protocol = v1alpha1.ProtocolUDP
+			r.Spec.ProxyProtocol = v1alpha1.ProxyProtocolV1
+		}, "spec.proxyProtocol"},
+		{"unknown proxy protocol", func(r *v1alpha1.LoadBalancerRule) { r.Spec.ProxyProtocol = "V3" }, "spec.proxyProtocol"},
 		{"both pools", func(r *v1alpha1.LoadBalancerRule) { r.Spec.BackendPool.ServiceName = "app" }, "spec.backendPool"},
 		{"no pool", func(r *v1alpha1.LoadBalancerRule) { r.Spec.BackendPool = v1alpha1.BackendPool{} }, "spec.backendPool"},
 		{"bad address", func(r *v1alpha1.LoadBalancerRule) { r.Spec.BackendPool.Addresses = []string{"10.0.0.1", "nope"} }, "spec.backendPool.addresses[1]"},
