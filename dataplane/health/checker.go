@@ -4,12 +4,16 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/netip"
 	"net/url"
 	"strconv"
+	"time"
+
+	"github.com/stickylb/stickylb/dataplane/proxyheader"
 )
 
 const (
@@ -28,18 +32,45 @@ type checker interface {
 	check(ctx context.Context, addr netip.AddrPort) (ok bool, reason string)
 }
 
-// tcpChecker passes when a TCP handshake with the backend completes.
+// tcpChecker passes when a TCP handshake with the backend completes (and
+// the PROXY protocol header, if any, is written).
 type tcpChecker struct {
-	dialer *net.Dialer
+	dial func(ctx context.Context, network, addr string) (net.Conn, error)
 }
 
 func (c tcpChecker) check(ctx context.Context, addr netip.AddrPort) (bool, string) {
-	conn, err := c.dialer.DialContext(ctx, "tcp", addr.String())
+	conn, err := c.dial(ctx, "tcp", addr.String())
 	if err != nil {
 		return false, describe(err)
 	}
 	conn.Close()
 	return true, "TCP connect succeeded"
+}
+
+// dialer returns how probes connect: a plain dial, or one that writes the
+// PROXY protocol header of a connection without a client right after the
+// handshake.
+func dialer(v proxyheader.Version) func(ctx context.Context, network, addr string) (net.Conn, error) {
+	d := &net.Dialer{KeepAlive: -1}
+	if v == 0 {
+		return d.DialContext
+	}
+	header := proxyheader.Local(v)
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		conn, err := d.DialContext(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		if deadline, ok := ctx.Deadline(); ok {
+			_ = conn.SetWriteDeadline(deadline)
+		}
+		if _, err := conn.Write(header); err != nil {
+			conn.Close()
+			return nil, fmt.Errorf("PROXY protocol header: %w", err)
+		}
+		_ = conn.SetWriteDeadline(time.Time{})
+		return conn, nil
+	}
 }
 
 // httpChecker passes only when GET path answers 200.
@@ -69,12 +100,13 @@ func (c httpChecker) check(ctx context.Context, addr netip.AddrPort) (bool, stri
 }
 
 // newHTTPClient returns the client shared by a Monitor's HTTP and HTTPS
-// probes.
-func newHTTPClient() *http.Client {
+// probes whose connections open with the PROXY protocol header of version
+// v (0: none).
+func newHTTPClient(v proxyheader.Version) *http.Client {
 	transport := &http.Transport{
 		// No Proxy: a probe must reach the backend itself, never an
 		// HTTP_PROXY from the environment.
-		DialContext: (&net.Dialer{KeepAlive: -1}).DialContext,
+		DialContext: dialer(v),
 		// A fresh connection per probe, so every probe also tests that
 		// the backend still accepts connections.
 		DisableKeepAlives:      true,
@@ -101,7 +133,7 @@ func newChecker(s Spec, client *http.Client) checker {
 	case HTTPS:
 		return httpChecker{client: client, scheme: "https", path: s.RequestPath}
 	default:
-		return tcpChecker{dialer: &net.Dialer{KeepAlive: -1}}
+		return tcpChecker{dial: dialer(s.ProxyHeader)}
 	}
 }
 

@@ -33,6 +33,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/stickylb/stickylb/dataplane/proxyheader"
 )
 
 // Protocol is how a backend is probed.
@@ -65,6 +67,11 @@ type Spec struct {
 	// Threshold is the number of consecutive results of the opposite kind
 	// that flip the state (Azure's probeThreshold).
 	Threshold int
+	// ProxyHeader, when not 0, is the PROXY protocol version whose header
+	// without a client (v2 LOCAL, v1 UNKNOWN) opens every probe connection,
+	// before the HTTP request and before the TLS handshake: a backend that
+	// requires the header passes its probe.
+	ProxyHeader proxyheader.Version
 }
 
 // Timeout is how long one probe may take: min(Interval, 30s). Bounding it by
@@ -89,6 +96,9 @@ func (s Spec) Validate() error {
 		}
 	default:
 		errs = append(errs, fmt.Errorf("protocol %q is not one of TCP, HTTP, HTTPS", s.Protocol))
+	}
+	if s.ProxyHeader > proxyheader.V2 {
+		errs = append(errs, fmt.Errorf("PROXY protocol version %d is not 0, 1 or 2", s.ProxyHeader))
 	}
 	if s.Port < 1 || s.Port > 65535 {
 		errs = append(errs, fmt.Errorf("port %d is outside 1-65535", s.Port))

@@ -11,6 +11,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/stickylb/stickylb/dataplane/proxyheader"
 )
 
 // ErrClosed is returned by Update after Close.
@@ -24,7 +26,9 @@ var ErrClosed = errors.New("health: monitor closed")
 // dataplane can ask on every new flow.
 type Monitor struct {
 	notify func(Transition)
-	client *http.Client
+	// clients are the HTTP(S) clients by the PROXY protocol header their
+	// connections open with (none, v1, v2).
+	clients [3]*http.Client
 
 	mu      sync.Mutex // serialises Update and Close
 	closed  bool
@@ -38,7 +42,10 @@ type Monitor struct {
 // not block for long (that target's probing waits for it) and must not call
 // Update or Close, which wait for probers to stop. A nil notify is allowed.
 func New(notify func(Transition)) *Monitor {
-	m := &Monitor{notify: notify, client: newHTTPClient()}
+	m := &Monitor{notify: notify}
+	for v := range m.clients {
+		m.clients[v] = newHTTPClient(proxyheader.Version(v))
+	}
 	m.probers.Store(&map[Target]*prober{})
 	return m
 }
@@ -104,7 +111,9 @@ func (m *Monitor) Close() {
 		running = append(running, p)
 	}
 	stopAll(running)
-	m.client.CloseIdleConnections()
+	for _, c := range m.clients {
+		c.CloseIdleConnections()
+	}
 }
 
 // Status reports whether t is up, and whether t is being probed at all
@@ -138,6 +147,7 @@ func compareTargets(a, b Target) int {
 		cmp.Compare(a.Spec.RequestPath, b.Spec.RequestPath),
 		cmp.Compare(a.Spec.Interval, b.Spec.Interval),
 		cmp.Compare(a.Spec.Threshold, b.Spec.Threshold),
+		cmp.Compare(a.Spec.ProxyHeader, b.Spec.ProxyHeader),
 	)
 }
 
@@ -145,7 +155,7 @@ func (m *Monitor) start(t Target) *prober {
 	ctx, cancel := context.WithCancel(context.Background())
 	p := &prober{
 		target:  t,
-		checker: newChecker(t.Spec, m.client),
+		checker: newChecker(t.Spec, m.clients[t.Spec.ProxyHeader]),
 		notify:  m.notify,
 		cancel:  cancel,
 		done:    make(chan struct{}),

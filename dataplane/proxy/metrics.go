@@ -41,6 +41,7 @@ type metrics struct {
 	probeStatus  *prometheus.GaugeVec   // rule, backend
 	rebuilds     *prometheus.CounterVec // rule
 	pinsRefused  *prometheus.CounterVec // reason
+	headers      *prometheus.CounterVec // rule, first_bytes
 	version      prometheus.Gauge
 	congestion   *prometheus.GaugeVec  // side, algorithm
 	bulkClients  [2]prometheus.Counter // by distance
@@ -96,6 +97,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Namespace: namespace, Name: "pins_refused_total",
 			Help: "New clients served from the table without a pin: replica_limit (--max-pins reached) or source_limit (--max-pins-per-source reached for the client's /24 or /64).",
 		}, []string{"reason"}),
+		headers: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "proxy_protocol_headers_total",
+			Help: "PROXY protocol headers sent to backends: first_bytes=with when the client's first bytes went in the same write, alone when the header went by itself (the client had not spoken yet).",
+		}, []string{"rule", "first_bytes"}),
 		version: prometheus.NewGauge(prometheus.GaugeOpts{
 			Namespace: namespace, Name: "snapshot_version",
 			Help: "Version of the configuration snapshot the dataplane serves.",
@@ -111,7 +116,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	}, []string{"distance"})
 	m.bulkClients = [2]prometheus.Counter{bulkClients.WithLabelValues("near"), bulkClients.WithLabelValues("far")}
 	for _, c := range []prometheus.Collector{m.bytes, m.packets, m.syn, m.activeFlows, m.udpSessions,
-		m.dialFailures, m.dialRetries, m.refused, m.idleTimeouts, m.probeStatus, m.rebuilds, m.pinsRefused, m.version, m.congestion, bulkClients} {
+		m.dialFailures, m.dialRetries, m.refused, m.idleTimeouts, m.probeStatus, m.rebuilds, m.pinsRefused, m.headers, m.version, m.congestion, bulkClients} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
@@ -164,6 +169,8 @@ func (m *metrics) forgetRule(r *snapshot.Rule) {
 	m.dialRetries.DeleteLabelValues(r.Name)
 	m.idleTimeouts.DeleteLabelValues(r.Name)
 	m.rebuilds.DeleteLabelValues(r.Name)
+	m.headers.DeleteLabelValues(r.Name, "with")
+	m.headers.DeleteLabelValues(r.Name, "alone")
 	for _, reason := range refusedReasons {
 		m.refused.DeleteLabelValues(r.Name, reason)
 	}
@@ -172,8 +179,11 @@ func (m *metrics) forgetRule(r *snapshot.Rule) {
 // ruleMetrics are a rule's own series.
 type ruleMetrics struct {
 	dialRetries, idleTimeouts, rebuilds prometheus.Counter
-	udpSessions                         prometheus.Gauge
-	refused                             map[string]prometheus.Counter
+	// headersWithData and headersAlone exist only for rules that send the
+	// PROXY protocol header.
+	headersWithData, headersAlone prometheus.Counter
+	udpSessions                   prometheus.Gauge
+	refused                       map[string]prometheus.Counter
 }
 
 func (m *metrics) forRule(rule string) *ruleMetrics {

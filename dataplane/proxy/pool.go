@@ -8,6 +8,7 @@ import (
 	"github.com/stickylb/stickylb/dataplane/health"
 	"github.com/stickylb/stickylb/dataplane/maglev"
 	"github.com/stickylb/stickylb/dataplane/pins"
+	"github.com/stickylb/stickylb/dataplane/proxyheader"
 	"github.com/stickylb/stickylb/dataplane/snapshot"
 )
 
@@ -82,6 +83,10 @@ type ruleState struct {
 
 func newRuleState(r *snapshot.Rule, m *metrics) *ruleState {
 	rs := &ruleState{rule: r, m: m.forRule(r.Name), backends: make(map[netip.AddrPort]*backend, len(r.Backends))}
+	if r.ProxyProtocol != snapshot.ProxyNone {
+		rs.m.headersWithData = m.headers.WithLabelValues(r.Name, "with")
+		rs.m.headersAlone = m.headers.WithLabelValues(r.Name, "alone")
+	}
 	for _, b := range r.Backends {
 		name := b.Addr.String()
 		rs.backends[b.Addr] = &backend{addr: b.Addr, name: name, pinKey: pins.BackendKey(name), rule: r.Name, sa: newRawSockaddr(b.Addr), metrics: m}
@@ -104,6 +109,7 @@ func probeTarget(r *snapshot.Rule, b netip.AddrPort) (health.Target, bool) {
 		RequestPath: r.Probe.Path,
 		Interval:    r.Probe.Interval,
 		Threshold:   r.Probe.Threshold,
+		ProxyHeader: proxyheader.Version(r.ProxyProtocol),
 	}}, true
 }
 

@@ -267,7 +267,7 @@ func (p *Proxy) acceptTCP(lp *loop, ln *tcpListener, cfd int, client netip.AddrP
 		return
 	}
 	acquired = true
-	f := &tcpFlow{p: p, rs: rs, clientIP: ip, cfd: cfd, bfd: -1, ccPending: p.clientCC.far != nil}
+	f := &tcpFlow{p: p, rs: rs, clientIP: ip, cfd: cfd, bfd: -1, ccPending: p.clientCC.far != nil, pp: newProxied(rs.rule, ln, cfd, client)}
 	f.timer = timer{index: -1, owner: f}
 	f.ncand = uint8(len(p.choose(rs, f.cands[:0], flowHash(rs.rule, client, ln.local, snapshot.TCP), ip, maxDialAttempts)))
 	if f.ncand == 0 {
@@ -297,6 +297,7 @@ type tcpFlow struct {
 	cands        [maxDialAttempts]*backend
 	ncand, tried uint8
 	b            *backend // the backend being dialed, then the one connected
+	pp           *proxied // the PROXY protocol header not yet sent; nil for most rules
 	established  bool
 	closing      bool // close once the copiers are done
 	abort        atomic.Bool
@@ -382,8 +383,16 @@ func (f *tcpFlow) retryDial(lp *loop) {
 	f.dial(lp)
 }
 
-// connected starts copying once the backend accepted.
+// connected starts copying once the backend accepted, after the PROXY
+// protocol header if the rule sends one.
 func (f *tcpFlow) connected(lp *loop) {
+	var hdr headerResult
+	if f.pp != nil {
+		var ok bool
+		if hdr, ok = f.sendHeader(lp); !ok {
+			return
+		}
+	}
 	f.established = true
 	f.up = half{src: f.cfd, dst: f.bfd, bytes: f.b.m().bytesIn, readable: f.up.readable, hup: f.up.hup}
 	f.down = half{src: f.bfd, dst: f.cfd, bytes: f.b.m().bytesOut, readable: f.down.readable, hup: f.down.hup}
@@ -391,6 +400,16 @@ func (f *tcpFlow) connected(lp *loop) {
 	f.b.m().tcpFlows.Inc()
 	f.lastActive = lp.now
 	lp.timers.set(&f.timer, lp.now+f.rs.rule.IdleTimeout)
+	if f.pp != nil {
+		f.up.bytes.Add(float64(hdr.read))
+		f.up.eof = hdr.eof
+		if len(hdr.rest) > 0 {
+			f.up.pend = hdr.rest
+			f.up.keep()
+		}
+		f.pp.release()
+		f.pp = nil
+	}
 	if f.pump(lp, &f.up) {
 		f.pump(lp, &f.down)
 	}
@@ -654,6 +673,7 @@ func (f *tcpFlow) close(lp *loop) bool {
 		return false
 	}
 	f.closed = true
+	f.pp.release()
 	lp.timers.cancel(&f.timer)
 	lp.flows.remove(f)
 	if f.established {
