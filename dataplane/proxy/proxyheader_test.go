@@ -149,7 +149,13 @@ func TestBackendsSeeTheClient(t *testing.T) {
 // A wildcard frontend reports the address the client actually reached.
 func TestWildcardFrontendReportsTheAddressReached(t *testing.T) {
 	backends := headerServers(t, 1, freePort(t))
-	port := freePort(t)
+	// A port free on every address, not only on 127.0.0.1.
+	l, err := net.Listen("tcp", "0.0.0.0:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := uint16(l.Addr().(*net.TCPAddr).Port)
+	l.Close()
 	p := newProxy(t, Options{})
 	r := rule("any", port, backends, withProxyProtocol(snapshot.ProxyV2))
 	r.Bind = netip.IPv4Unspecified()
