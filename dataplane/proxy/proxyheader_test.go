@@ -8,61 +8,12 @@ import (
 	"net/netip"
 	"os"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
-	proxyproto "github.com/pires/go-proxyproto"
-
 	"github.com/stickylb/stickylb/dataplane/snapshot"
+	"github.com/stickylb/stickylb/internal/testbackend"
 )
-
-// headerServer is a backend behind a PROXY protocol listener (a library's,
-// requiring the header): each connection is first told "name client dest"
-// as the header gave them, then echoed, half-close included.
-type headerServer struct {
-	name string
-	addr netip.AddrPort
-	ln   net.Listener
-
-	mu      sync.Mutex
-	refused int
-}
-
-func startHeaderServer(t *testing.T, at netip.AddrPort) *headerServer {
-	t.Helper()
-	raw, err := net.Listen("tcp", at.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := &headerServer{name: at.String(), addr: at, ln: &proxyproto.Listener{Listener: raw, ReadHeaderTimeout: 5 * time.Second}}
-	go func() {
-		for {
-			c, err := s.ln.Accept()
-			if err != nil {
-				return
-			}
-			go s.serve(c.(*proxyproto.Conn))
-		}
-	}()
-	t.Cleanup(func() { s.ln.Close() })
-	return s
-}
-
-func (s *headerServer) serve(c *proxyproto.Conn) {
-	defer c.Close()
-	if c.ProxyHeader() == nil { // reads the header, or fails to
-		s.mu.Lock()
-		s.refused++
-		s.mu.Unlock()
-		return
-	}
-	fmt.Fprintf(c, "%s %s %s\n", s.name, c.RemoteAddr(), c.LocalAddr())
-	_, _ = io.Copy(c, c)
-	if tc, ok := c.Raw().(*net.TCPConn); ok {
-		_ = tc.CloseWrite()
-	}
-}
 
 func withProxyProtocol(v snapshot.ProxyProtocol) ruleOpt {
 	return func(r *snapshot.Rule) { r.ProxyProtocol = v }
@@ -71,30 +22,19 @@ func withProxyProtocol(v snapshot.ProxyProtocol) ruleOpt {
 func headerServers(t *testing.T, n int, port uint16) []*backendServer {
 	var out []*backendServer
 	for i := range n {
-		s := startHeaderServer(t, netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 1, byte(i + 1)}), port))
-		out = append(out, &backendServer{Name: s.name, Addr: s.addr})
+		out = append(out, testbackend.StartHeaderServer(t, netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 1, byte(i + 1)}), port)))
 	}
 	return out
 }
 
-// seenAs connects from src to front and returns what the backend says the
-// header told it: its name, the client and the destination.
+// seenAs is testbackend.SeenAs, failing the test on error.
 func seenAs(t *testing.T, src netip.Addr, front netip.AddrPort) (backend, client, dest string, local netip.AddrPort, c *net.TCPConn) {
 	t.Helper()
-	c, err := net.DialTCP("tcp", &net.TCPAddr{IP: src.AsSlice()}, net.TCPAddrFromAddrPort(front))
+	backend, client, dest, local, c, err := testbackend.SeenAs(src, front)
 	if err != nil {
 		t.Fatal(err)
 	}
-	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
-	line, err := bufio.NewReader(c).ReadString('\n')
-	if err != nil {
-		t.Fatalf("%s: %v", src, err)
-	}
-	f := strings.Fields(line)
-	if len(f) != 3 {
-		t.Fatalf("backend said %q", line)
-	}
-	return f[0], f[1], f[2], c.LocalAddr().(*net.TCPAddr).AddrPort(), c
+	return backend, client, dest, local, c
 }
 
 // Through the frontend, every client appears at its backend as itself,
@@ -128,10 +68,10 @@ func TestBackendsSeeTheClient(t *testing.T) {
 				t.Skipf("no IPv6 loopback: %v", err)
 			}
 			ln.Close()
-			b := startHeaderServer(t, netip.AddrPortFrom(netip.IPv6Loopback(), freePort(t)))
+			b := testbackend.StartHeaderServer(t, netip.AddrPortFrom(netip.IPv6Loopback(), freePort(t)))
 			port := freePort(t)
 			p := newProxy(t, Options{})
-			r := rule("web6", port, []*backendServer{{Name: b.name, Addr: b.addr}}, withProxyProtocol(v))
+			r := rule("web6", port, []*backendServer{b}, withProxyProtocol(v))
 			r.Bind = netip.IPv6Loopback()
 			p.apply(t, r)
 			front := netip.AddrPortFrom(netip.IPv6Loopback(), port)
@@ -243,8 +183,8 @@ func TestProxyProtocolChangeAppliesToNewConnections(t *testing.T) {
 	echo(t, old, "before")
 
 	// The same backend address now behind a header-requiring server.
-	hdr := startHeaderServer(t, netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 1, 9}), 9062))
-	p.apply(t, rule("web", port, []*backendServer{{Name: hdr.name, Addr: hdr.addr}}, withProxyProtocol(snapshot.ProxyV2)))
+	hdr := testbackend.StartHeaderServer(t, netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 1, 9}), 9062))
+	p.apply(t, rule("web", port, []*backendServer{hdr}, withProxyProtocol(snapshot.ProxyV2)))
 	echo(t, old, "still plain")
 	_, client, _, local, c := seenAs(t, clientIP(10), frontend(port))
 	c.Close()
@@ -276,10 +216,10 @@ func TestHeaderWriteFailureRetriesNextBackend(t *testing.T) {
 			c.Close()
 		}
 	}()
-	good := startHeaderServer(t, netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 1, 21}), freePort(t)))
+	good := testbackend.StartHeaderServer(t, netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 1, 21}), freePort(t)))
 	bad := netip.MustParseAddrPort(rst.Addr().String())
 	p := newProxy(t, Options{})
-	p.apply(t, rule("retry", port, []*backendServer{{Name: "bad", Addr: bad}, {Name: good.name, Addr: good.addr}}, withProxyProtocol(snapshot.ProxyV1), persistence(snapshot.PersistenceNone)))
+	p.apply(t, rule("retry", port, []*backendServer{{Name: "bad", Addr: bad}, good}, withProxyProtocol(snapshot.ProxyV1), persistence(snapshot.PersistenceNone)))
 	// Which connections the resetting backend gets, and whether it resets
 	// before or after the header is written, is up to timing: go on until
 	// some header writes failed, then check every outcome adds up.
@@ -298,7 +238,7 @@ func TestHeaderWriteFailureRetriesNextBackend(t *testing.T) {
 		r := bufio.NewReader(c)
 		line, err := r.ReadString('\n')
 		switch {
-		case err == nil && strings.HasPrefix(line, good.name):
+		case err == nil && strings.HasPrefix(line, good.Name):
 			if back, err := r.ReadString('\n'); err != nil || back != fmt.Sprintf("hello %d\n", i) {
 				t.Errorf("connection %d: echo %q, %v", i, back, err)
 			}
@@ -318,7 +258,7 @@ func TestHeaderWriteFailureRetriesNextBackend(t *testing.T) {
 	// the resetting one took (after the header went out) were closed: the
 	// ones whose header write failed went on to the good backend.
 	eventually(t, 5*time.Second, "the metrics settle", func() bool {
-		return float64(served) == syn(good.addr) && float64(closed) == syn(bad)
+		return float64(served) == syn(good.Addr) && float64(closed) == syn(bad)
 	})
 	if served+closed != total {
 		t.Errorf("%d served + %d closed of %d", served, closed, total)
