@@ -6,14 +6,19 @@
 #   3. runs the driver: direct vs stickylb proxy vs HAProxy, one table; in
 #      the short-connections test also stickylb-nopins, the same binary with
 #      its rule's sessionPersistenceTimeoutInMinutes: 0 (no pins), back to
-#      back with stickylb (pins on, the default), in a table of its own;
+#      back with stickylb (pins on, the default), in a table of its own; and
+#      stickylb-v2 (proxyProtocol: V2) and haproxy-v2 (send-proxy-v2), over
+#      backends that require and parse the PROXY v2 header (a second port,
+#      go-proxyproto), next to stickylb (None), in a third table;
 #   4. runs the Go microbenchmarks of ./dataplane/... (among them the heap
 #      per pinned client, BenchmarkPinMemory's B/pin, and what pins add to
 #      a new flow's backend choice, BenchmarkChooseNewFlow);
 #   5. runs the controller benchmarks of ./controllers/ (envtest: a real
 #      kube-apiserver and etcd, the manager in-process; needs root);
 #   6. prints the issue's targets as PASS/FAIL/SKIP (pins on vs off: short
-#      connections/s at least 0.95x, under 100 B per pinned client).
+#      connections/s at least 0.95x, under 100 B per pinned client; PROXY
+#      v2: short connections/s of stickylb V2 at least HAProxy
+#      send-proxy-v2's and at least 0.95x stickylb None's).
 #
 # It is a report: it exits 0 even when a step fails, and says which.
 # Extra driver flags go in BENCH_FLAGS, e.g. BENCH_FLAGS="-rounds 2".
@@ -84,8 +89,10 @@ metric() {
 		for (i = 3; i < NF; i++) if ($(i + 1) == u) { print $i; exit }
 	}' "$tmp/controllers.txt"
 }
-# verdict RESULT DETAIL: one more line of the targets, aligned with the driver's.
-verdict() { printf '%s  %-42s  %s\n' "$1" "$target" "$2"; }
+# verdict RESULT DETAIL: one more line of the targets, aligned with the
+# driver's (whose widest target is "PROXY v2: stickylb ≥ HAProxy
+# send-proxy-v2, short connections", 61 characters).
+verdict() { printf '%s  %-61s  %s\n' "$1" "$target" "$2"; }
 # below A LIMIT: whether A < LIMIT.
 below() { awk -v a="$1" -v l="$2" 'BEGIN { exit !(a < l) }'; }
 

@@ -20,9 +20,12 @@ import (
 type runner struct {
 	config
 	tmp         string
-	backendPort int
-	round       int // the round running, for notes
-	notes       []string
+	backendPort int // the backends' plain port
+	// v2BackendPort is the backends' port where each connection must open
+	// with a PROXY protocol v2 header.
+	v2BackendPort int
+	round         int // the round running, for notes
+	notes         []string
 	// connIPs is, per target, the most distinct client IPs one run of the
 	// short-connections test used.
 	connIPs map[string]int
@@ -346,7 +349,13 @@ func shortConnection(ctx context.Context, src netip.Addr, dst string) error {
 		return err
 	}
 	var buf [4]byte
-	if _, err := io.ReadFull(c, buf[:]); err != nil {
+	n, err := io.ReadFull(c, buf[:])
+	if n > 0 && buf[0] == refusedMark {
+		// A PROXY v2 backend that got no valid header says why.
+		why, _ := io.ReadAll(io.LimitReader(c, 200))
+		return fmt.Errorf("the backend refused the connection: %s", bytes.TrimSpace(append(buf[1:n], why...)))
+	}
+	if err != nil {
 		return fmt.Errorf("read echo: %w", err)
 	}
 	if !bytes.Equal(buf[:], ping) {

@@ -1,6 +1,6 @@
 // Command bench is the dataplane benchmark behind `make bench` (hack/bench.sh).
 //
-// In one run it measures three ways of reaching the same four backends
+// In one run it measures three main ways of reaching the same four backends
 // (127.0.1.1-4, served by a child process of this driver so that backends and
 // load generator do not share a Go scheduler): directly, through
 // `stickylb proxy`, and through HAProxy (mode tcp, balance source, consistent
@@ -18,6 +18,19 @@
 // In that test the clients are many (about a quarter as many as the
 // connections, from 127.16.0.1 up) and each connects 4 times, so that the
 // pin table both grows and is read while the clock runs.
+//
+// Two more targets measure the PROXY protocol (issue 15) in the same test
+// only: stickylb-v2, the same binary with the rule's proxyProtocol: V2, and
+// haproxy-v2, HAProxy with send-proxy-v2 on its servers. They reach the
+// same four backend addresses on a second port, where each connection must
+// open with a PROXY v2 header, parsed and consumed with
+// github.com/pires/go-proxyproto before the service byte; a connection
+// without one is refused (the backend answers '!' and the reason, then
+// closes), so a target that does not send it shows failed connections and
+// no rate. Every round runs stickylb-nopins, stickylb (None), stickylb-v2,
+// haproxy-v2, haproxy in a row, in one order or the other, and a third
+// table prints stickylb None, stickylb V2 and HAProxy send-proxy-v2 with
+// the ratios V2/None and V2/HAProxy-v2.
 //
 // The build machines are shared and noisy: absolute numbers move from run to
 // run, so the table also prints ratios between targets measured back to back
@@ -117,25 +130,34 @@ func run(cfg config) int {
 	res := &results{
 		CPUs:       runtime.NumCPU(),
 		GOMAXPROCS: runtime.GOMAXPROCS(0),
-		Targets:    []string{targetDirect, targetStickylb, targetNoPins, targetHAProxy},
+		Targets:    []string{targetDirect, targetStickylb, targetNoPins, targetV2, targetHAProxyV2, targetHAProxy},
 		Cells:      map[string]map[string]cell{},
 	}
-	// stickylb and stickylb-nopins side by side: every round runs them back
-	// to back, one first then the other.
+	// Side by side, each round in this order or the reverse: stickylb
+	// without pins, with (the default), with proxyProtocol: V2, then
+	// HAProxy with send-proxy-v2 and without. So stickylb runs next to
+	// both its variants, and the two v2 targets next to each other.
 	haproxy := r.haproxyTarget()
-	targets := []*target{{name: targetDirect}, r.stickylbTarget(), r.noPinsTarget(), haproxy}
+	targets := []*target{
+		{name: targetDirect}, r.noPinsTarget(), r.stickylbTarget(), r.v2Target(), r.haproxyV2Target(), haproxy,
+	}
 	if haproxy.unavailable == "" {
 		res.HAProxy = haproxyVersion(haproxy.bin)
 	}
 	printHeader(os.Stdout, r, res)
 
-	backends, port, err := startBackends()
+	backends, port, v2Port, err := startBackends()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "bench: %v\n", err)
 		return 1
 	}
 	defer backends.stop()
-	r.backendPort = port
+	r.backendPort, r.v2BackendPort = port, v2Port
+	if slices.ContainsFunc(ms, func(m measurement) bool { return m.name == v2Test }) {
+		r.note("%s and %s reach the backends on port %d, where each connection must open with a PROXY protocol v2 header "+
+			"(go-proxyproto, REQUIRE; without one the backend refuses it, a failed connection); the other targets port %d, without",
+			targetV2, targetHAProxyV2, v2Port, port)
+	}
 
 	harnessFailed := false
 	for _, m := range ms {

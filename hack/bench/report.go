@@ -141,7 +141,10 @@ func (res *results) ratio(rw row, a, b string) string {
 // printTable prints absolute values, then stickylb and HAProxy relative to
 // direct, then stickylb relative to HAProxy. The rows stickylb-nopins was
 // measured in follow in a table of their own: stickylb with pins (its
-// default) and without, and their ratio.
+// default) and without, and their ratio. So do the rows the PROXY v2
+// targets were measured in: stickylb without a header (None, its default),
+// stickylb with V2 and HAProxy with send-proxy-v2, and the ratios of
+// stickylb V2 to each of the others.
 func printTable(w io.Writer, res *results) {
 	header := []string{"metric", "unit", targetDirect, targetStickylb, targetHAProxy, "stickylb/direct", "haproxy/direct", "stickylb/haproxy"}
 	lines := [][]string{header}
@@ -156,7 +159,7 @@ func printTable(w io.Writer, res *results) {
 
 	pinLines := [][]string{{"pins on vs off", "unit", "stickylb (pins on)", targetNoPins + " (off)", "on/off"}}
 	for _, rw := range res.Rows {
-		if st := res.get(rw.Key, targetNoPins).State; st == stateNA || st == stateNotMeasured {
+		if !measuredIn(res, rw, targetNoPins) {
 			continue
 		}
 		pinLines = append(pinLines, []string{
@@ -167,6 +170,28 @@ func printTable(w io.Writer, res *results) {
 		fmt.Fprintln(w)
 		printLines(w, pinLines)
 	}
+
+	v2Lines := [][]string{{"PROXY protocol v2", "unit", "stickylb (None)", targetV2, targetHAProxyV2 + " (send-proxy-v2)", "v2/None", "v2/haproxy-v2"}}
+	for _, rw := range res.Rows {
+		if !measuredIn(res, rw, targetV2) && !measuredIn(res, rw, targetHAProxyV2) {
+			continue
+		}
+		v2Lines = append(v2Lines, []string{
+			rw.Label, rw.Unit, res.format(rw, targetStickylb), res.format(rw, targetV2), res.format(rw, targetHAProxyV2),
+			res.ratio(rw, targetV2, targetStickylb), res.ratio(rw, targetV2, targetHAProxyV2),
+		})
+	}
+	if len(v2Lines) > 1 {
+		fmt.Fprintln(w)
+		printLines(w, v2Lines)
+	}
+}
+
+// measuredIn is whether target took part in the row's test: measured,
+// failed or unavailable, not n/a and not left out.
+func measuredIn(res *results, rw row, target string) bool {
+	st := res.get(rw.Key, target).State
+	return st != stateNA && st != stateNotMeasured
 }
 
 // printLines prints a table: the first two columns are text, aligned left,
@@ -338,6 +363,7 @@ func verdicts(res *results, micro map[string]benchResult) []verdictLine {
 	} else {
 		out = append(out, verdictLine{"SKIP", pinMemory, "no BenchmarkPinMemory B/pin result"})
 	}
+	out = append(out, v2VsHAProxy(res, rowOf["conn_rate"]), v2VsNone(res, rowOf["conn_rate"], 0.95))
 	return out
 }
 
@@ -345,25 +371,53 @@ func verdicts(res *results, micro map[string]benchResult) []verdictLine {
 // default) with that of the same binary with sessionPersistenceTimeoutInMinutes:
 // 0, measured back to back in the same run: pins on must reach factor × off.
 func pinsVsNoPins(res *results, rw row, factor float64) verdictLine {
-	v := verdictLine{target: fmt.Sprintf("pins on vs off, short connections ≥ %.2f×", factor)}
-	on, off := res.get("conn_rate", targetStickylb), res.get("conn_rate", targetNoPins)
+	return rateVerdict(res, rw, fmt.Sprintf("pins on vs off, short connections ≥ %.2f×", factor),
+		side{targetStickylb, "on"}, side{targetNoPins, "off"}, factor)
+}
+
+// v2VsHAProxy compares the short-connection rate of stickylb with
+// proxyProtocol: V2 with that of HAProxy with send-proxy-v2, over the same
+// header-parsing backends in the same run: stickylb must reach HAProxy's.
+func v2VsHAProxy(res *results, rw row) verdictLine {
+	return rateVerdict(res, rw, "PROXY v2: stickylb ≥ HAProxy send-proxy-v2, short connections",
+		side{targetV2, "stickylb V2"}, side{targetHAProxyV2, "haproxy send-proxy-v2"}, 1)
+}
+
+// v2VsNone compares the short-connection rate of stickylb with
+// proxyProtocol: V2 with that of the default rule (None), measured back to
+// back in the same run: V2 must reach factor × None.
+func v2VsNone(res *results, rw row, factor float64) verdictLine {
+	return rateVerdict(res, rw, fmt.Sprintf("PROXY v2 vs None, short connections ≥ %.2f×", factor),
+		side{targetV2, "V2"}, side{targetStickylb, "None"}, factor)
+}
+
+// A side is one of the two targets a verdict compares, and how its detail
+// names it.
+type side struct{ target, label string }
+
+// rateVerdict judges a's short-connection rate against factor × b's, both
+// measured in the same run; the detail shows both rates, their ratio, and
+// the failed connections of either if any.
+func rateVerdict(res *results, rw row, title string, a, b side, factor float64) verdictLine {
+	v := verdictLine{target: title}
+	ca, cb := res.get("conn_rate", a.target), res.get("conn_rate", b.target)
 	switch {
-	case on.State == stateFailed:
-		v.result, v.detail = "FAIL", "the stickylb measurement failed (see the notes)"
-	case off.State == stateFailed:
-		v.result, v.detail = "FAIL", "the stickylb-nopins measurement failed (see the notes)"
-	case on.State != stateOK:
-		v.result, v.detail = "SKIP", "stickylb "+on.State
-	case off.State != stateOK:
-		v.result, v.detail = "SKIP", "stickylb-nopins "+off.State
-	case off.Value == 0:
-		v.result, v.detail = "FAIL", "stickylb-nopins made no connection"
+	case ca.State == stateFailed:
+		v.result, v.detail = "FAIL", "the "+a.target+" measurement failed (see the notes)"
+	case cb.State == stateFailed:
+		v.result, v.detail = "FAIL", "the "+b.target+" measurement failed (see the notes)"
+	case ca.State != stateOK:
+		v.result, v.detail = "SKIP", a.target+" "+ca.State
+	case cb.State != stateOK:
+		v.result, v.detail = "SKIP", b.target+" "+cb.State
+	case cb.Value == 0:
+		v.result, v.detail = "FAIL", b.target+" made no connection"
 	default:
-		v.result = passFail(on.Value >= factor*off.Value)
-		v.detail = fmt.Sprintf("on %s vs off %s %s (%.2f×)", formatValue(on.Value, rw.Prec), formatValue(off.Value, rw.Prec), rw.Unit, on.Value/off.Value)
-		failedOn, failedOff := res.get("conn_errors", targetStickylb), res.get("conn_errors", targetNoPins)
-		if failedOn.Value > 0 || failedOff.Value > 0 {
-			v.detail += fmt.Sprintf("; failed connections: on %g, off %g", failedOn.Value, failedOff.Value)
+		v.result = passFail(ca.Value >= factor*cb.Value)
+		v.detail = fmt.Sprintf("%s %s vs %s %s %s (%.2f×)", a.label, formatValue(ca.Value, rw.Prec), b.label, formatValue(cb.Value, rw.Prec), rw.Unit, ca.Value/cb.Value)
+		failedA, failedB := res.get("conn_errors", a.target), res.get("conn_errors", b.target)
+		if failedA.Value > 0 || failedB.Value > 0 {
+			v.detail += fmt.Sprintf("; failed connections: %s %g, %s %g", a.label, failedA.Value, b.label, failedB.Value)
 		}
 	}
 	return v

@@ -54,15 +54,19 @@ func TestVerdicts(t *testing.T) {
 		Cells: map[string]map[string]cell{
 			"upload":   {targetStickylb: ok(12), targetHAProxy: ok(10)}, // 1.2×: pass
 			"download": {targetStickylb: ok(11), targetHAProxy: ok(10)}, // 1.1×: fail
-			// vs HAProxy: skip; pins on vs off, 0.96×: pass
-			"conn_rate":   {targetStickylb: ok(100), targetNoPins: ok(104), targetHAProxy: {State: stateUnavailable}},
+			// vs HAProxy: skip; pins on vs off, 0.96×: pass; PROXY v2 vs
+			// HAProxy send-proxy-v2, 0.99×: fail; v2 vs None, 0.95×: pass
+			"conn_rate": {
+				targetStickylb: ok(100), targetNoPins: ok(104), targetHAProxy: {State: stateUnavailable},
+				targetV2: ok(95), targetHAProxyV2: ok(96),
+			},
 			"latency_p99": {targetStickylb: {State: stateFailed}, targetHAProxy: ok(50)},
 			"idle_rss":    {targetStickylb: ok(9.5)},
 			"idle_fds":    {targetStickylb: ok(2.012)},
 		},
 	}
 	micro := parseBench(strings.NewReader(sampleBench))
-	want := []string{"PASS", "FAIL", "SKIP", "FAIL", "PASS", "FAIL", "PASS", "PASS", "PASS", "PASS"}
+	want := []string{"PASS", "FAIL", "SKIP", "FAIL", "PASS", "FAIL", "PASS", "PASS", "PASS", "PASS", "FAIL", "PASS"}
 	got := verdicts(res, micro)
 	if len(got) != len(want) {
 		t.Fatalf("got %d verdicts, want %d", len(got), len(want))
@@ -111,10 +115,8 @@ func TestPinVerdicts(t *testing.T) {
 			}
 			res := &results{Rows: rows, Cells: map[string]map[string]cell{"conn_rate": rate, "conn_errors": tc.errs}}
 			vs := verdicts(res, tc.micro)
-			pins, mem := vs[len(vs)-2], vs[len(vs)-1]
-			if pins.target != "pins on vs off, short connections ≥ 0.95×" || mem.target != "memory per pinned client < 100 B" {
-				t.Fatalf("the last verdicts are %q and %q", pins.target, mem.target)
-			}
+			pins := verdictNamed(t, vs, "pins on vs off, short connections ≥ 0.95×")
+			mem := verdictNamed(t, vs, "memory per pinned client < 100 B")
 			if pins.result != tc.pins || !strings.Contains(pins.detail, tc.pinsDetail) {
 				t.Errorf("pins on vs off: %s (%s), want %s (%s)", pins.result, pins.detail, tc.pins, tc.pinsDetail)
 			}
@@ -122,6 +124,133 @@ func TestPinVerdicts(t *testing.T) {
 				t.Errorf("memory per pin: %s (%s), want %s (%s)", mem.result, mem.detail, tc.mem, tc.mDet)
 			}
 		})
+	}
+}
+
+// verdictNamed is the verdict of that title; the test fails without one.
+func verdictNamed(t *testing.T, vs []verdictLine, title string) verdictLine {
+	t.Helper()
+	for _, v := range vs {
+		if v.target == title {
+			return v
+		}
+	}
+	t.Fatalf("no verdict %q", title)
+	return verdictLine{}
+}
+
+func TestV2Verdicts(t *testing.T) {
+	ok := func(v float64) cell { return cell{State: stateOK, Value: v} }
+	rows := []row{{Key: "conn_rate", Unit: "conn/s", Better: higher}, {Key: "conn_errors", Unit: "count"}}
+	const (
+		vsHAProxyTitle = "PROXY v2: stickylb ≥ HAProxy send-proxy-v2, short connections"
+		vsNoneTitle    = "PROXY v2 vs None, short connections ≥ 0.95×"
+	)
+	for _, tc := range []struct {
+		name                 string
+		rate, errs           map[string]cell // target → cell; absent: not measured
+		vsHAProxy, vsNone    string          // want
+		haDetail, noneDetail string          // want in the details
+	}{
+		{name: "pass",
+			rate:      map[string]cell{targetStickylb: ok(10000), targetV2: ok(9600), targetHAProxyV2: ok(9000)},
+			vsHAProxy: "PASS", haDetail: "stickylb V2 9600 vs haproxy send-proxy-v2 9000 conn/s (1.07×)",
+			vsNone: "PASS", noneDetail: "V2 9600 vs None 10000 conn/s (0.96×)"},
+		{name: "equal to HAProxy passes, exactly 0.95× passes",
+			rate:      map[string]cell{targetStickylb: ok(10000), targetV2: ok(9500), targetHAProxyV2: ok(9500)},
+			vsHAProxy: "PASS", haDetail: "(1.00×)", vsNone: "PASS", noneDetail: "(0.95×)"},
+		{name: "below HAProxy, below 0.95× of None",
+			rate:      map[string]cell{targetStickylb: ok(10000), targetV2: ok(9400), targetHAProxyV2: ok(9401)},
+			vsHAProxy: "FAIL", haDetail: "stickylb V2 9400 vs haproxy send-proxy-v2 9401", vsNone: "FAIL", noneDetail: "(0.94×)"},
+		{name: "failed connections shown",
+			rate:      map[string]cell{targetStickylb: ok(10000), targetV2: ok(10000), targetHAProxyV2: ok(9000)},
+			errs:      map[string]cell{targetStickylb: ok(0), targetV2: ok(2), targetHAProxyV2: ok(5)},
+			vsHAProxy: "PASS", haDetail: "failed connections: stickylb V2 2, haproxy send-proxy-v2 5",
+			vsNone: "PASS", noneDetail: "failed connections: V2 2, None 0"},
+		// A target that sends no header: every connection refused by the
+		// backends, so none counted, all failed.
+		{name: "a target that sends no header",
+			rate:      map[string]cell{targetStickylb: ok(10000), targetV2: ok(0), targetHAProxyV2: ok(9000)},
+			errs:      map[string]cell{targetV2: ok(1400)},
+			vsHAProxy: "FAIL", haDetail: "(0.00×); failed connections: stickylb V2 1400",
+			vsNone: "FAIL", noneDetail: "V2 0 vs None 10000"},
+		{name: "haproxy-v2 made no connection",
+			rate:      map[string]cell{targetStickylb: ok(10000), targetV2: ok(9600), targetHAProxyV2: ok(0)},
+			vsHAProxy: "FAIL", haDetail: "haproxy-v2 made no connection", vsNone: "PASS"},
+		{name: "no v2 columns (older results)",
+			rate:      map[string]cell{targetStickylb: ok(10000), targetHAProxy: ok(9000)},
+			vsHAProxy: "SKIP", haDetail: "stickylb-v2 not measured", vsNone: "SKIP", noneDetail: "stickylb-v2 not measured"},
+		{name: "haproxy unavailable",
+			rate:      map[string]cell{targetStickylb: ok(10000), targetV2: ok(9600), targetHAProxyV2: {State: stateUnavailable}},
+			vsHAProxy: "SKIP", haDetail: "haproxy-v2 unavailable", vsNone: "PASS"},
+		{name: "stickylb-v2 failed",
+			rate:      map[string]cell{targetStickylb: ok(10000), targetV2: {State: stateFailed}, targetHAProxyV2: ok(9000)},
+			vsHAProxy: "FAIL", haDetail: "the stickylb-v2 measurement failed", vsNone: "FAIL", noneDetail: "the stickylb-v2 measurement failed"},
+		{name: "stickylb (None) failed",
+			rate:      map[string]cell{targetStickylb: {State: stateFailed}, targetV2: ok(9600), targetHAProxyV2: ok(9000)},
+			vsHAProxy: "PASS", vsNone: "FAIL", noneDetail: "the stickylb measurement failed"},
+		{name: "haproxy-v2 failed",
+			rate:      map[string]cell{targetStickylb: ok(10000), targetV2: ok(9600), targetHAProxyV2: {State: stateFailed}},
+			vsHAProxy: "FAIL", haDetail: "the haproxy-v2 measurement failed", vsNone: "PASS"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			res := &results{Rows: rows, Cells: map[string]map[string]cell{"conn_rate": tc.rate, "conn_errors": tc.errs}}
+			vs := verdicts(res, nil)
+			ha, none := verdictNamed(t, vs, vsHAProxyTitle), verdictNamed(t, vs, vsNoneTitle)
+			if ha.result != tc.vsHAProxy || !strings.Contains(ha.detail, tc.haDetail) {
+				t.Errorf("vs HAProxy: %s (%s), want %s (%s)", ha.result, ha.detail, tc.vsHAProxy, tc.haDetail)
+			}
+			if none.result != tc.vsNone || !strings.Contains(none.detail, tc.noneDetail) {
+				t.Errorf("vs None: %s (%s), want %s (%s)", none.result, none.detail, tc.vsNone, tc.noneDetail)
+			}
+		})
+	}
+}
+
+func TestV2Table(t *testing.T) {
+	ok := func(v float64) cell { return cell{State: stateOK, Value: v} }
+	res := &results{
+		Rows: []row{
+			{Key: "upload", Label: "bulk upload", Unit: "Gbit/s", Better: higher, Prec: 2},
+			{Key: "conn_rate", Label: "short connections", Unit: "conn/s", Better: higher},
+			{Key: "conn_errors", Label: "  failed connections", Unit: "count"},
+		},
+		Cells: map[string]map[string]cell{
+			"upload":      {targetStickylb: ok(10), targetV2: {State: stateNA}, targetHAProxyV2: {State: stateNA}},
+			"conn_rate":   {targetStickylb: ok(10000), targetV2: ok(9700), targetHAProxyV2: ok(8000)},
+			"conn_errors": {targetStickylb: ok(0), targetV2: ok(0), targetHAProxyV2: ok(1)},
+		},
+	}
+	var b strings.Builder
+	printTable(&b, res)
+	_, v2Table, found := strings.Cut(b.String(), "\n\n")
+	if !found {
+		t.Fatalf("no PROXY v2 table:\n%s", b.String())
+	}
+	want := `PROXY protocol v2     unit    stickylb (None)  stickylb-v2  haproxy-v2 (send-proxy-v2)  v2/None  v2/haproxy-v2
+short connections     conn/s            10000         9700                        8000     0.97           1.21
+  failed connections  count                 0            0                           1      n/a            n/a
+`
+	if v2Table != want {
+		t.Errorf("PROXY v2 table:\n%s\nwant:\n%s", v2Table, want)
+	}
+
+	// HAProxy missing: the table stays, its column says why.
+	res.Cells["conn_rate"][targetHAProxyV2] = cell{State: stateUnavailable}
+	b.Reset()
+	printTable(&b, res)
+	if !strings.Contains(b.String(), "short connections     conn/s            10000         9700                 unavailable     0.97            n/a") {
+		t.Errorf("PROXY v2 table without HAProxy:\n%s", b.String())
+	}
+
+	for _, target := range []string{targetV2, targetHAProxyV2} {
+		delete(res.Cells["conn_rate"], target)
+		delete(res.Cells["conn_errors"], target)
+	}
+	b.Reset()
+	printTable(&b, res)
+	if strings.Contains(b.String(), "PROXY protocol v2") {
+		t.Errorf("a PROXY v2 table without v2 results:\n%s", b.String())
 	}
 }
 

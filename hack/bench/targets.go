@@ -19,11 +19,20 @@ const (
 	targetStickylb = "stickylb" // the rule as users write it: pins on (sessionPersistenceTimeoutInMinutes unset, 180)
 	targetNoPins   = "stickylb-nopins"
 	targetHAProxy  = "haproxy"
+	// The PROXY protocol v2 targets: the stickylb rule with proxyProtocol: V2
+	// and HAProxy with send-proxy-v2, both over the backends' second port,
+	// where every connection must open with a v2 header.
+	targetV2        = "stickylb-v2"
+	targetHAProxyV2 = "haproxy-v2"
 
 	// noPinsTest is the one test the stickylb-nopins target takes part in:
 	// the cost of pins is the cost of a new flow, and the other tests open
 	// a few long connections, where pins cannot show.
 	noPinsTest = "connections"
+	// v2Test is the one test the PROXY v2 targets take part in: the header
+	// is a cost per connection, which the other tests (a few long
+	// connections each) cannot show.
+	v2Test = "connections"
 
 	// Frontend ports are searched upward from here, below the ephemeral range
 	// so that no outgoing connection's source port can take them.
@@ -88,6 +97,22 @@ func (r *runner) noPinsTarget() *target {
 	return t
 }
 
+// v2Target is the stickylb binary again, its rule with proxyProtocol: V2
+// and the header-parsing backends, in the short-connections test only.
+func (r *runner) v2Target() *target {
+	t := r.stickylbTarget()
+	t.name, t.only = targetV2, v2Test
+	return t
+}
+
+// haproxyV2Target is HAProxy again, its servers with send-proxy-v2 and the
+// header-parsing backends, in the short-connections test only.
+func (r *runner) haproxyV2Target() *target {
+	t := r.haproxyTarget()
+	t.name, t.only = targetHAProxyV2, v2Test
+	return t
+}
+
 func (r *runner) haproxyTarget() *target {
 	t := &target{name: targetHAProxy}
 	if r.haproxy == "" {
@@ -107,19 +132,19 @@ func (r *runner) start(t *target) (*session, error) {
 	switch t.name {
 	case targetDirect:
 		return directSession(r.backendPort), nil
-	case targetStickylb, targetNoPins:
+	case targetStickylb, targetNoPins, targetV2:
 		return r.startProxy(t, stickylbFirstPort, func(port int) ([]string, error) {
 			rules := filepath.Join(r.tmp, t.name+"-rules.yaml")
-			if err := os.WriteFile(rules, []byte(r.rulesYAML(port, t.name != targetNoPins)), 0o644); err != nil {
+			if err := os.WriteFile(rules, []byte(r.rulesYAML(port, t.name != targetNoPins, t.name == targetV2)), 0o644); err != nil {
 				return nil, err
 			}
 			args := []string{"proxy", "--rules", rules, "--bind-address", "127.0.0.1", "--metrics-bind-address", "0"}
 			return append(args, strings.Fields(r.extraArgs)...), nil
 		}, syscall.SIGTERM)
-	case targetHAProxy:
+	case targetHAProxy, targetHAProxyV2:
 		return r.startProxy(t, haproxyFirstPort, func(port int) ([]string, error) {
-			cfg := filepath.Join(r.tmp, "haproxy.cfg")
-			if err := os.WriteFile(cfg, []byte(r.haproxyConfig(port)), 0o644); err != nil {
+			cfg := filepath.Join(r.tmp, t.name+".cfg")
+			if err := os.WriteFile(cfg, []byte(r.haproxyConfig(port, t.name == targetHAProxyV2)), 0o644); err != nil {
 				return nil, err
 			}
 			return []string{"-db", "-f", cfg}, nil
@@ -169,11 +194,18 @@ func (s *session) stop() error {
 
 // rulesYAML is the benchmark's rule. With pins it leaves
 // sessionPersistenceTimeoutInMinutes unset (180 minutes, the default users
-// get); without, it sets it to 0.
-func (r *runner) rulesYAML(port int, pins bool) string {
-	timeout := ""
+// get); without, it sets it to 0. With v2 it sets proxyProtocol: V2 and
+// points at the backends' header-parsing port; without, it leaves
+// proxyProtocol unset (None) and points at the plain port.
+func (r *runner) rulesYAML(port int, pins, v2 bool) string {
+	extra := ""
 	if !pins {
-		timeout = "  sessionPersistenceTimeoutInMinutes: 0\n"
+		extra += "  sessionPersistenceTimeoutInMinutes: 0\n"
+	}
+	backendPort := r.backendPort
+	if v2 {
+		extra += "  proxyProtocol: V2\n"
+		backendPort = r.v2BackendPort
 	}
 	return fmt.Sprintf(`# Written by hack/bench: one rule, TCP and UDP, over the benchmark backends.
 apiVersion: lb.stickylb.io/v1alpha1
@@ -191,16 +223,22 @@ spec:
   protocol: All
   sessionPersistence: ClientIP
   idleTimeoutInMinutes: 5
-%s`, port, strings.Join(backendIPs, ", "), r.backendPort, timeout)
+%s`, port, strings.Join(backendIPs, ", "), backendPort, extra)
 }
 
 // haproxyConfig is HAProxy's nearest equivalent of the rule: TCP only (the
 // community edition cannot proxy UDP), source-IP hashing on a consistent
 // hash ring, idle timeouts long enough for the idle test, defaults otherwise.
-func (r *runner) haproxyConfig(port int) string {
+// With v2 its servers are the backends' header-parsing port, with
+// send-proxy-v2.
+func (r *runner) haproxyConfig(port int, v2 bool) string {
+	backendPort, send := r.backendPort, ""
+	if v2 {
+		backendPort, send = r.v2BackendPort, " send-proxy-v2"
+	}
 	var servers strings.Builder
 	for i, ip := range backendIPs {
-		fmt.Fprintf(&servers, "    server b%d %s:%d\n", i+1, ip, r.backendPort)
+		fmt.Fprintf(&servers, "    server b%d %s:%d%s\n", i+1, ip, backendPort, send)
 	}
 	maxconn := r.idleConns + 1000
 	return fmt.Sprintf(`# Written by hack/bench.
