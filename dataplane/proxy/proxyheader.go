@@ -99,6 +99,9 @@ func (f *tcpFlow) sendHeader(lp *loop) (res headerResult, ok bool) {
 					res.eof = true
 				default:
 					res.read = n
+					if n < len(lp.scratch)-len(buf) && !f.up.hup {
+						f.up.readable = false // a short read drained the socket, as in pump
+					}
 					buf = lp.scratch[:len(buf)+n]
 				}
 				break
