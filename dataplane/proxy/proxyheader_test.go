@@ -223,8 +223,12 @@ func TestHeaderWriteFailureRetriesNextBackend(t *testing.T) {
 	// Which connections the resetting backend gets, and whether it resets
 	// before or after the header is written, is up to timing: go on until
 	// some header writes failed, then check every outcome adds up.
-	failures := func() float64 { return p.counter(p.metrics.dialFailures.WithLabelValues("default/retry", bad.String())) }
-	syn := func(b netip.AddrPort) float64 { return p.counter(p.metrics.syn.WithLabelValues("default/retry", b.String())) }
+	failures := func() float64 {
+		return p.counter(p.metrics.dialFailures.WithLabelValues("default/retry", bad.String()))
+	}
+	syn := func(b netip.AddrPort) float64 {
+		return p.counter(p.metrics.syn.WithLabelValues("default/retry", b.String()))
+	}
 	served, closed, total := 0, 0, 0
 	for i := 0; i < 1000 && (i < 40 || failures() < 3); i++ {
 		total++
