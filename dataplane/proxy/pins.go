@@ -51,6 +51,9 @@ type pinState struct {
 	// served are the rules being served that pin; unpinned those that do not.
 	served   map[string]*ruleState
 	unpinned map[string]bool
+	// pending are the tables made for pins a peer sent before this replica
+	// served their rule; the sweep forgets them once empty.
+	pending map[string]bool
 
 	sync        atomic.Pointer[PinSync]
 	stop        chan struct{}
@@ -64,6 +67,7 @@ func (ps *pinState) init(opts *Options, m *metrics) {
 	ps.tables = map[string]*pins.Table{}
 	ps.served = map[string]*ruleState{}
 	ps.unpinned = map[string]bool{}
+	ps.pending = map[string]bool{}
 	ps.stop = make(chan struct{})
 	ps.refusedFull = m.pinsRefused.WithLabelValues("replica_limit")
 	ps.refusedSource = m.pinsRefused.WithLabelValues("source_limit")
@@ -103,6 +107,7 @@ func (p *Proxy) attachPins(rules map[string]*ruleState) {
 			if t != nil {
 				t.Clear()
 				delete(ps.tables, name)
+				delete(ps.pending, name)
 			}
 			continue
 		}
@@ -110,6 +115,7 @@ func (p *Proxy) attachPins(rules map[string]*ruleState) {
 			t = pins.New(r.PinTimeout, &ps.lim)
 			ps.tables[name] = t
 		}
+		delete(ps.pending, name)
 		t.SetTimeout(r.PinTimeout)
 		if rs.pins != t { // only a fresh ruleState, not yet serving
 			rs.pins = t
@@ -123,13 +129,26 @@ func (p *Proxy) attachPins(rules map[string]*ruleState) {
 			}
 		}
 	}
+}
+
+// publishPins makes the rules of a new snapshot the served ones, for peers
+// and the sweep; Apply calls it with p.mu held once every pool is built.
+func (p *Proxy) publishPins(rules map[string]*ruleState) {
+	ps := &p.pins
+	ps.mu.Lock()
+	defer ps.mu.Unlock()
 	clear(ps.served)
 	clear(ps.unpinned)
 	for name, rs := range rules {
 		if rs.pins != nil {
 			ps.served[name] = rs
-		} else {
-			ps.unpinned[name] = true
+			continue
+		}
+		ps.unpinned[name] = true
+		if t := ps.tables[name]; t != nil { // a peer's, since attachPins
+			t.Clear()
+			delete(ps.tables, name)
+			delete(ps.pending, name)
 		}
 	}
 }
@@ -213,12 +232,14 @@ func (p *Proxy) MergePins(rule string, in []pins.Pin) {
 		// pins before its first snapshot.
 		t = pins.New(defaultPeerPinTimeout, &ps.lim)
 		ps.tables[rule] = t
+		ps.pending[rule] = true
 	}
 	ps.mu.Unlock()
 	alive := func(uint64) bool { return true }
 	if rs != nil {
 		alive = rs.pool.Load().takes
 	}
+
 	now := pins.Now()
 	var back []pins.Pin
 	for _, pin := range in {
@@ -284,13 +305,12 @@ func (p *Proxy) sweepPins() {
 		for _, rs := range ps.served {
 			served = append(served, rs)
 		}
-		for name, t := range ps.tables {
-			if _, ok := ps.served[name]; ok {
-				continue
-			}
+		for name := range ps.pending {
+			t := ps.tables[name]
 			t.Reconcile(now, 0, func(uint64) uint64 { return 0 }, func(uint64) bool { return false })
 			if t.Stats().Held == 0 {
 				delete(ps.tables, name)
+				delete(ps.pending, name)
 			}
 		}
 		ps.mu.Unlock()

@@ -202,3 +202,43 @@ func TestReplicasAgreeOnPins(t *testing.T) {
 		}
 	}
 }
+
+// Peers' pins arrive at any moment, also while a snapshot is being
+// applied and before a rule's pool is built; run with -race.
+func TestMergePinsDuringApply(t *testing.T) {
+	backends := startBackends(t, 3, 9081)
+	port := freePort(t)
+	p := newProxy(t, Options{})
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for i := uint64(0); ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			now := pins.Now()
+			p.MergePins("default/web", []pins.Pin{{Key: i, Backend: pins.BackendKey(backends[i%3].Addr.String()), Since: now, Seen: now}})
+			p.Overrides(func(string, []pins.Pin) {})
+		}
+	})
+	for i := range 200 {
+		opts := []ruleOpt{pinFor(time.Hour)}
+		if i%7 == 6 {
+			opts = nil // stops pinning: its pins go
+		}
+		p.apply(t, rule("web", port, backends[:2+i%2], opts...))
+	}
+	close(stop)
+	wg.Wait()
+	p.apply(t, rule("web", port, backends, pinFor(time.Hour)))
+	// The table the rule serves is the one peers merge into.
+	p.MergePins("default/web", []pins.Pin{{Key: 1 << 62, Backend: pins.BackendKey(backends[2].Addr.String()), Since: pins.Now(), Seen: pins.Now()}})
+	p.mu.Lock()
+	rs := p.rules["default/web"]
+	p.mu.Unlock()
+	if _, ok := rs.pins.Get(1<<62, pins.Now()); !ok {
+		t.Errorf("a peer's pin did not reach the served table")
+	}
+}

@@ -308,6 +308,7 @@ func (p *Proxy) Apply(s *snapshot.Snapshot) (failed map[string]error, err error)
 		// the table go to the peers.
 		p.reconcilePins(rs, 0)
 	}
+	p.publishPins(rules) // every pool is built: peers may use them
 
 	failed = map[string]error{}
 	want := map[snapshot.ListenerKey]*ruleState{}

@@ -740,6 +740,9 @@ func noRestarts(t testing.TB, c client.Client) {
 			for _, s := range p.Status.ContainerStatuses {
 				if s.RestartCount > 0 {
 					t.Errorf("container %s/%s/%s restarted %d times (last state %+v)", ns, p.Name, s.Name, s.RestartCount, s.LastTerminationState)
+					// What the container said before it ended.
+					logs, err := toolErr(kubectlPath(), "", "-n", ns, "logs", "--previous", "--tail", "80", p.Name, "-c", s.Name)
+					t.Logf("its previous logs (%v):\n%s", err, logs)
 				}
 			}
 		}
