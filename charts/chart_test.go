@@ -72,7 +72,11 @@ func TestMain(m *testing.M) {
 		lines := strings.Split(strings.TrimSpace(string(out)), "\n")
 		helm = filepath.Join(lines[len(lines)-1], "helm")
 	}
-	os.Exit(m.Run())
+	code := m.Run()
+	if binPath != "" {
+		os.RemoveAll(filepath.Dir(binPath))
+	}
+	os.Exit(code)
 }
 
 // runHelm runs helm with a private home, so no user configuration leaks in.
@@ -236,6 +240,7 @@ func TestLint(t *testing.T) {
 	for name, values := range map[string]string{
 		"defaults":    "",
 		"non-default": nonDefaultValues,
+		"monitoring":  monitoringValues,
 	} {
 		t.Run(name, func(t *testing.T) {
 			if out, err := runHelm(t, "lint", "--strict", chartDir, "-f", valuesFile(t, values)); err != nil {
@@ -579,6 +584,16 @@ func TestSchemaRejectsBadValues(t *testing.T) {
 		{"peer port out of range", `peers: {port: 0}`, "/peers/port"},
 		{"peer Secret name not a name", `peers: {existingSecret: "My Key"}`, "/peers/existingSecret"},
 		{"unknown key under peers", `peers: {key: abc}`, "'key'"},
+		{"dashboard.enabled not a boolean", `metrics: {dashboard: {enabled: "yes"}}`, "/metrics/dashboard/enabled"},
+		{"empty dashboard label", `metrics: {dashboard: {label: ""}}`, "/metrics/dashboard/label"},
+		{"dashboard label value not a label value", `metrics: {dashboard: {labelValue: "a b"}}`, "/metrics/dashboard/labelValue"},
+		{"unknown key under dashboard", `metrics: {dashboard: {folder: x}}`, "'folder'"},
+		{"scrape interval a number", `metrics: {serviceMonitor: {interval: 30}}`, "/metrics/serviceMonitor/interval"},
+		{"scrape timeout not a duration", `metrics: {serviceMonitor: {scrapeTimeout: ten seconds}}`, "/metrics/serviceMonitor/scrapeTimeout"},
+		{"relabelings not a list", `metrics: {serviceMonitor: {relabelings: {action: drop}}}`, "/metrics/serviceMonitor/relabelings"},
+		{"authorization without credentials' key", `metrics: {serviceMonitor: {authorization: {credentials: {name: token}}}}`, "/metrics/serviceMonitor/authorization/credentials"},
+		{"Prometheus' ServiceAccount not a name", `metrics: {serviceMonitor: {prometheusServiceAccount: {name: Prometheus}}}`, "/metrics/serviceMonitor/prometheusServiceAccount/name"},
+		{"unknown key under serviceMonitor", `metrics: {serviceMonitor: {bearerTokenFile: /token}}`, "'bearerTokenFile'"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := runHelm(t, "template", release, chartDir, "-f", valuesFile(t, tc.values))
@@ -738,6 +753,11 @@ func TestInstall(t *testing.T) {
 			t.Errorf("install notes lack %q:\n%s", want, notes)
 		}
 	}
+	for _, unwanted := range []string{"ServiceMonitor", "Grafana"} {
+		if strings.Contains(notes, unwanted) {
+			t.Errorf("install notes mention %s, which the defaults leave out:\n%s", unwanted, notes)
+		}
+	}
 
 	// The CRD becomes Established: LoadBalancerRules can be created.
 	for {
@@ -773,11 +793,38 @@ func TestInstall(t *testing.T) {
 		return sec.Data["key"]
 	}
 	installed := peerKey()
-	if _, err := runHelm(t, "upgrade", release, chartDir, "--namespace", namespace, "--kubeconfig", kcPath, "--timeout", "1m"); err != nil {
+	// The upgrade turns monitoring on: a ServiceMonitor (its CRD installed
+	// as the Prometheus Operator would), the dashboard, and the binding
+	// that lets Prometheus' ServiceAccount read /metrics.
+	installServiceMonitorCRD(ctx, t, k8s)
+	monitoring := valuesFile(t, fmt.Sprintf(`metrics:
+  dashboard: {enabled: true}
+  serviceMonitor:
+    enabled: true
+    prometheusServiceAccount: {name: %s, namespace: %s}
+`, prometheusSA, namespace))
+	notes, err = runHelm(t, "upgrade", release, chartDir, "--namespace", namespace, "--kubeconfig", kcPath, "--timeout", "1m", "-f", monitoring)
+	if err != nil {
 		t.Fatal(err)
 	}
 	if upgraded := peerKey(); !bytes.Equal(upgraded, installed) || len(installed) == 0 {
 		t.Errorf("helm upgrade changed the peer key: %q, then %q", installed, upgraded)
+	}
+	for _, want := range []string{
+		"ServiceMonitor " + namespace + "/stickylb scrapes it with Prometheus' ServiceAccount token",
+		"the chart bound " + namespace + ":" + prometheusSA + " to stickylb-metrics-reader",
+		"Grafana dashboard \"stickylb\": ConfigMap " + namespace + "/stickylb-dashboard, label grafana_dashboard=1",
+	} {
+		if !strings.Contains(notes, want) {
+			t.Errorf("upgrade notes lack %q:\n%s", want, notes)
+		}
+	}
+	for _, o := range render(t, monitoring) {
+		got := &unstructured.Unstructured{}
+		got.SetGroupVersionKind(o.GroupVersionKind())
+		if err := k8s.Get(ctx, client.ObjectKeyFromObject(o), got); err != nil {
+			t.Errorf("%s %s/%s not installed by the upgrade: %v", o.GetKind(), o.GetNamespace(), o.GetName(), err)
+		}
 	}
 
 	// A pod of the Deployment passes Pod Security admission at "restricted"...
@@ -821,10 +868,7 @@ func TestInstall(t *testing.T) {
 func checkManagerWithChartRBAC(ctx context.Context, t *testing.T, cfg *rest.Config, k8s client.Client, chartArgs []string) {
 	t.Helper()
 	dir := t.TempDir()
-	bin := filepath.Join(dir, "stickylb")
-	if out, err := exec.Command("go", "build", "-o", bin, "..").CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
+	bin := stickylbBinary(t)
 	token := func(sa string) string {
 		t.Helper()
 		if err := k8s.Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Namespace: namespace, Name: sa}}); err != nil && !apierrors.IsAlreadyExists(err) {
@@ -954,6 +998,10 @@ func checkManagerWithChartRBAC(ctx context.Context, t *testing.T, cfg *rest.Conf
 	}
 	if code, body := scrape(scraper); code != http.StatusOK || !strings.Contains(body, "controller_runtime_") {
 		t.Errorf("/metrics as a metrics-reader: %d, want 200 and controller-runtime metrics; body:\n%.500s", code, body)
+	}
+	// The chart's own binding (metrics.serviceMonitor.prometheusServiceAccount) lets Prometheus in.
+	if code, body := scrape(token(prometheusSA)); code != http.StatusOK || !strings.Contains(body, "stickylb_snapshot_version") {
+		t.Errorf("/metrics as the chart-bound %s: %d, want 200 and stickylb metrics; body:\n%.500s", prometheusSA, code, body)
 	}
 	// It peers (the chart gives it a key), and finds no other replica to join.
 	for !strings.Contains(logs.String(), `"no peers to join`) {

@@ -47,3 +47,14 @@ app.kubernetes.io/part-of: stickylb
 {{- define "stickylb.peersSecretName" -}}
 {{- default (printf "%s-peers" (include "stickylb.fullname" .)) .Values.peers.existingSecret }}
 {{- end }}
+
+{{/* The metrics Service's port name, which the ServiceMonitor scrapes. */}}
+{{- define "stickylb.metricsPortName" -}}
+https
+{{- end }}
+
+{{/* Labels that select the metrics Service and no other. */}}
+{{- define "stickylb.metricsServiceSelector" -}}
+{{ include "stickylb.selectorLabels" . }}
+app.kubernetes.io/component: metrics
+{{- end }}
