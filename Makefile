@@ -8,6 +8,10 @@ ASSETS = $(shell hack/test-binaries.sh kube-apiserver etcd kubectl controller-ge
 # The same directory, with the one-node cluster's binaries too (test/cluster).
 CLUSTER_ASSETS = $(shell hack/test-binaries.sh kube-apiserver etcd kubectl controller-gen helm kubelet kube-proxy kube-controller-manager kube-scheduler | tail -n 1)
 CONTROLLER_GEN = $(shell hack/test-binaries.sh controller-gen | tail -n 1)/controller-gen
+# Only what make demo and make dev run: envtest starts kube-apiserver and etcd,
+# the demo runs kubectl. hack/demo/tools_test.go fails when this and what
+# hack/demo runs differ.
+DEMO_TOOLS = kube-apiserver etcd kubectl
 
 GO_TEST_FLAGS ?=
 BIN ?= bin
@@ -58,14 +62,23 @@ test: ## Every test, with the race detector: envtest suites (real kube-apiserver
 	hack/leftovers.sh
 
 .PHONY: demo
-demo: build ## Sticky sessions end to end on a local control plane, with nothing installed (about a minute).
-	@hack/host-tools.sh
-	@KUBEBUILDER_ASSETS="$(ASSETS)" go run ./hack/demo -stickylb $(BIN)/stickylb
+demo: demo-tools build ## Sticky sessions end to end on a local control plane, with nothing installed (about a minute).
+	@assets=$$(hack/test-binaries.sh $(DEMO_TOOLS) | tail -n 1); \
+	KUBEBUILDER_ASSETS="$$assets" go run ./hack/demo -stickylb $(BIN)/stickylb
 
 .PHONY: dev
-dev: build ## The demo's set-up, kept running: prints how to use kubectl against it.
+dev: demo-tools build ## The demo's set-up, kept running: prints how to use kubectl against it.
+	@assets=$$(hack/test-binaries.sh $(DEMO_TOOLS) | tail -n 1); \
+	KUBEBUILDER_ASSETS="$$assets" go run ./hack/demo -dev -stickylb $(BIN)/stickylb
+
+# Before build, so that the first run shows one progress line per tool rather
+# than Go's module downloads: the tools' go output goes to a log, and go mod
+# download fetches stickylb's own modules without a line each.
+.PHONY: demo-tools
+demo-tools: ## Build once (or find in the cache) only the tools make demo and make dev run.
 	@hack/host-tools.sh
-	@KUBEBUILDER_ASSETS="$(ASSETS)" go run ./hack/demo -dev -stickylb $(BIN)/stickylb
+	@hack/test-binaries.sh $(DEMO_TOOLS) >/dev/null
+	@go mod download
 
 .PHONY: bench
 bench: ## Dataplane benchmark: stickylb proxy vs direct vs HAProxy, then the Go microbenchmarks, the controller benchmarks and the issue's targets.

@@ -42,6 +42,21 @@ const (
 
 var frontend = netip.MustParseAddrPort("127.0.0.1:8080")
 
+// tools are the binaries the demo runs, from KUBEBUILDER_ASSETS: envtest
+// starts kube-apiserver and etcd, and the demo runs kubectl (and -dev tells
+// you to). Every path to one goes through tool, so this is the whole list:
+// `make demo` and `make dev` build exactly these (DEMO_TOOLS in the Makefile),
+// and tools_test.go fails when the two differ.
+var tools = []string{"kube-apiserver", "etcd", "kubectl"}
+
+// tool returns the path of one of tools in the assets directory.
+func tool(assets, name string) string {
+	if !slices.Contains(tools, name) {
+		panic(fmt.Sprintf("the demo runs %s, which is not in tools: add it there and to DEMO_TOOLS in the Makefile", name))
+	}
+	return filepath.Join(assets, name)
+}
+
 func main() {
 	dev := flag.Bool("dev", false, "keep the control plane, manager and backends running until interrupted")
 	bin := flag.String("stickylb", "bin/stickylb", "the stickylb binary")
@@ -60,8 +75,15 @@ func run(dev bool, bin string) error {
 	if assets == "" {
 		return fmt.Errorf("KUBEBUILDER_ASSETS is not set: run `make demo`")
 	}
+	for _, t := range tools {
+		if _, err := os.Stat(tool(assets, t)); err != nil {
+			return fmt.Errorf("%s is not in KUBEBUILDER_ASSETS (%s): run `make demo`", t, assets)
+		}
+	}
 	step("starting a local control plane (kube-apiserver and etcd from %s)", assets)
 	env := &envtest.Environment{CRDDirectoryPaths: []string{"config/crd/bases"}, ErrorIfCRDPathMissing: true}
+	env.ControlPlane.GetAPIServer().Path = tool(assets, "kube-apiserver")
+	env.ControlPlane.Etcd = &envtest.Etcd{Path: tool(assets, "etcd")}
 	netns.ConfigureAPIServer(env)
 	if _, err := testenv.Start(env); err != nil {
 		return err
@@ -83,7 +105,7 @@ func run(dev bool, bin string) error {
 		return err
 	}
 	kubectl := func(args ...string) (string, error) {
-		out, err := exec.Command(filepath.Join(assets, "kubectl"), append([]string{"--kubeconfig", kubeconfig}, args...)...).CombinedOutput()
+		out, err := exec.Command(tool(assets, "kubectl"), append([]string{"--kubeconfig", kubeconfig}, args...)...).CombinedOutput()
 		return string(out), err
 	}
 
@@ -149,7 +171,7 @@ func run(dev bool, bin string) error {
 
 	if dev {
 		step("running. In another terminal, enter the demo's network namespace:")
-		fmt.Printf("    nsenter --net=/proc/%d/ns/net bash\n    export KUBECONFIG=%s\n    %s get lbr\n", os.Getpid(), kubeconfig, filepath.Join(assets, "kubectl"))
+		fmt.Printf("    nsenter --net=/proc/%d/ns/net bash\n    export KUBECONFIG=%s\n    %s get lbr\n", os.Getpid(), kubeconfig, tool(assets, "kubectl"))
 		fmt.Printf("  clients connect to %s from any 127.0.0.0/8 source; manager log: %s\n  Ctrl-C stops everything.\n", frontend, logFile)
 		sig := make(chan os.Signal, 1)
 		signal.Notify(sig, os.Interrupt, syscall.SIGTERM)
