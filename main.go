@@ -16,6 +16,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -56,7 +57,12 @@ func main() {
 			os.Exit(runProxy(os.Args[2:]))
 		case "scale-down":
 			os.Exit(runScaleDown(os.Args[2:]))
+		case "where-local":
+			os.Exit(runWhereLocal(os.Args[2:]))
 		}
+	}
+	if filepath.Base(os.Args[0]) == pluginName {
+		os.Exit(runPlugin(os.Args[1:], os.Stdout, os.Stderr))
 	}
 	os.Exit(runManager(os.Args[1:]))
 }
@@ -86,6 +92,7 @@ type managerOptions struct {
 	reportInterval   time.Duration
 	limits           proxy.Options
 	peer             peerOptions
+	debugAddr        string
 	zap              zap.Options
 }
 
@@ -117,6 +124,8 @@ func parseManagerFlags(args []string) (*managerOptions, *flag.FlagSet, error) {
 		"on SIGTERM, how long to wait (still serving, no longer ready) until no frontend EndpointSlice lists this replica; skipped outside a cluster")
 	fs.DurationVar(&o.shutdownDelay, "shutdown-delay", defaultShutdownDelay,
 		"on SIGTERM, how long to go on serving once no frontend lists this replica, so kube-proxy on every node has caught up (default 0 outside a cluster)")
+	fs.StringVar(&o.debugAddr, "debug-bind-address", defaultDebugAddress,
+		"loopback address where this replica answers `kubectl stickylb where` (asked through kubectl exec); \"0\" turns it off")
 	fs.DurationVar(&o.reportInterval, "report-interval", controllers.DefaultReportInterval,
 		"least time between two writes of this replica's report Lease (what its dataplane serves, which rule status speaks for); changes in between are coalesced")
 	bindLimitFlags(fs, &o.limits)
@@ -292,6 +301,16 @@ func runManager(args []string) int {
 		Client: mgr.GetClient(), Reader: mgr.GetAPIReader(), Dataplane: dp, ProbedDown: p.ProbedDown,
 		Replica: replica, Namespace: reportNS, Address: bind.String(), Interval: o.reportInterval,
 		Log: ctrl.Log.WithName("report"),
+	}
+	if o.debugAddr != "0" {
+		if ap, err := netip.ParseAddrPort(o.debugAddr); err != nil || !ap.Addr().IsLoopback() {
+			log.Error(fmt.Errorf("%q: want a loopback IP:PORT", o.debugAddr), "--debug-bind-address")
+			return 1
+		}
+		if err := mgr.Add(&whereServer{addr: o.debugAddr, replica: replica, where: p.Where}); err != nil {
+			log.Error(err, "set up the where endpoint")
+			return 1
+		}
 	}
 	if err := mgr.Add(reporter); err != nil {
 		log.Error(err, "set up the dataplane report")

@@ -369,6 +369,9 @@ func namespace(t *testing.T, name string) string {
 type endpoint struct {
 	addr  netip.Addr
 	ready bool
+	// terminating: the pod is going away; it still serves (as during a
+	// rollout) but takes no new clients.
+	terminating bool
 }
 
 func readyEndpoints(addrs ...netip.Addr) []endpoint {
@@ -412,7 +415,7 @@ func endpointList(eps []endpoint) []discoveryv1.Endpoint {
 		out = append(out, discoveryv1.Endpoint{
 			Addresses: []string{e.addr.String()},
 			Conditions: discoveryv1.EndpointConditions{
-				Ready: ptr.To(e.ready), Serving: ptr.To(e.ready), Terminating: ptr.To(false),
+				Ready: ptr.To(e.ready && !e.terminating), Serving: ptr.To(e.ready), Terminating: ptr.To(e.terminating),
 			},
 		})
 	}

@@ -1,0 +1,151 @@
+package main
+
+// `kubectl stickylb where` asks every replica where its dataplane sends a
+// client now, and compares the answers. The answer must be what the
+// dataplane does, pins included, and pins live only in the replicas, so the
+// replicas answer for themselves (proxy.Where: the same choice a new flow
+// makes, with no side effect) on an endpoint bound to the pod's loopback.
+// Only processes in the pod reach it, and the plugin gets there with
+// `kubectl exec` of `stickylb where-local` in each replica: the API server
+// authenticates the user and authorizes pods/exec in stickylb's namespace,
+// so no new credential or open port is needed. Outside a cluster (tests,
+// the demo), --replicas names the endpoints to ask directly.
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/stickylb/stickylb/dataplane/proxy"
+	"github.com/stickylb/stickylb/dataplane/snapshot"
+)
+
+// defaultDebugAddress is where a replica answers "where" questions; loopback only.
+const defaultDebugAddress = "127.0.0.1:8082"
+
+// replicaAnswer is one replica's answer, as the endpoint returns it.
+type replicaAnswer struct {
+	Replica string `json:"replica"`
+	proxy.Answer
+	Error string `json:"error,omitempty"`
+}
+
+// whereServer serves GET /where?rule=NS/NAME&client=IP&protocol=tcp|udp.
+type whereServer struct {
+	addr    string
+	replica string
+	where   func(rule string, client netip.Addr, proto snapshot.Protocol) (proxy.Answer, error)
+}
+
+func (s *whereServer) NeedLeaderElection() bool { return false }
+
+// Start serves until ctx ends.
+func (s *whereServer) Start(ctx context.Context) error {
+	ln, err := net.Listen("tcp", s.addr)
+	if err != nil {
+		return fmt.Errorf("--debug-bind-address: %w", err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(s.serveWhere), ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		<-ctx.Done()
+		_ = srv.Close()
+	}()
+	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+func (s *whereServer) serveWhere(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Content-Type", "application/json")
+	out := replicaAnswer{Replica: s.replica}
+	status := http.StatusOK
+	rule, client, proto, err := whereQuery(r.URL.Query().Get("rule"), r.URL.Query().Get("client"), r.URL.Query().Get("protocol"))
+	if r.URL.Path != "/where" {
+		status, err = http.StatusNotFound, errors.New("only /where is served")
+	}
+	if err == nil {
+		if out.Answer, err = s.where(rule, client, proto); err != nil {
+			status = http.StatusNotFound
+		}
+	} else if status == http.StatusOK {
+		status = http.StatusBadRequest
+	}
+	if err != nil {
+		out.Error = err.Error()
+	}
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(out)
+}
+
+// whereQuery checks a question's parts.
+func whereQuery(rule, client, protocol string) (string, netip.Addr, snapshot.Protocol, error) {
+	if ns, name, ok := strings.Cut(rule, "/"); !ok || ns == "" || name == "" {
+		return "", netip.Addr{}, 0, fmt.Errorf("rule %q: want NAMESPACE/NAME", rule)
+	}
+	ip, err := netip.ParseAddr(client)
+	if err != nil {
+		return "", netip.Addr{}, 0, fmt.Errorf("client %q: not an IP address", client)
+	}
+	switch strings.ToLower(protocol) {
+	case "", "tcp":
+		return rule, ip.Unmap(), snapshot.TCP, nil
+	case "udp":
+		return rule, ip.Unmap(), snapshot.UDP, nil
+	}
+	return "", netip.Addr{}, 0, fmt.Errorf("protocol %q: want tcp or udp", protocol)
+}
+
+// askReplica asks the where endpoint at addr.
+func askReplica(ctx context.Context, addr, rule string, client netip.Addr, protocol string) replicaAnswer {
+	u := fmt.Sprintf("http://%s/where?rule=%s&client=%s&protocol=%s", addr, rule, client, protocol)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		return replicaAnswer{Replica: addr, Error: err.Error()}
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return replicaAnswer{Replica: addr, Error: err.Error()}
+	}
+	defer resp.Body.Close()
+	var a replicaAnswer
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&a); err != nil {
+		return replicaAnswer{Replica: addr, Error: fmt.Sprintf("HTTP %d: %v", resp.StatusCode, err)}
+	}
+	return a
+}
+
+// runWhereLocal is `stickylb where-local`: what `kubectl stickylb where`
+// runs in each replica's container, asking the manager beside it.
+func runWhereLocal(args []string) int {
+	fs := flag.NewFlagSet("stickylb where-local", flag.ContinueOnError)
+	addr := fs.String("debug-address", defaultDebugAddress, "the manager's --debug-bind-address")
+	rule := fs.String("rule", "", "NAMESPACE/NAME of the rule")
+	client := fs.String("client", "", "the client's IP address")
+	protocol := fs.String("protocol", "tcp", "tcp or udp")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	ip, err := netip.ParseAddr(*client)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "--client %q: not an IP address\n", *client)
+		return 2
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	a := askReplica(ctx, *addr, *rule, ip, *protocol)
+	_ = json.NewEncoder(os.Stdout).Encode(a)
+	if a.Error != "" {
+		return 1
+	}
+	return 0
+}
