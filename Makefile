@@ -43,6 +43,13 @@ vet:
 build: ## Build the stickylb binary into bin/.
 	CGO_ENABLED=0 go build -trimpath -o $(BIN)/stickylb .
 
+.PHONY: install-plugin
+PLUGIN_DIR ?= $(shell go env GOPATH)/bin
+install-plugin: build ## Install the kubectl plugin (kubectl stickylb ...): the stickylb binary as kubectl-stickylb in PLUGIN_DIR (default $$GOPATH/bin, which must be on your PATH).
+	@mkdir -p "$(PLUGIN_DIR)"
+	install -m 0755 $(BIN)/stickylb "$(PLUGIN_DIR)/kubectl-stickylb"
+	@echo "installed $(PLUGIN_DIR)/kubectl-stickylb: try kubectl stickylb where RULE CLIENT_IP -n NAMESPACE"
+
 .PHONY: image
 image: ## Build the image as an OCI archive, bin/stickylb-image.tar, without docker (for kind load image-archive, ctr images import, docker load).
 	arch=$$(go env GOARCH); \
