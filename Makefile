@@ -68,17 +68,20 @@ test: ## Every test, with the race detector: envtest suites (real kube-apiserver
 		go test -race -count=1 -timeout 40m $(GO_TEST_FLAGS) ./...; \
 	hack/leftovers.sh
 
+# The demo program compiles with build's settings (no cgo, -trimpath), so it
+# reuses the packages build just compiled: on an empty Go build cache that
+# saves it 1m45s here.
 .PHONY: demo
 demo: demo-tools build ## Sticky sessions end to end on a local control plane, with nothing installed (about a minute).
 	@assets=$$(hack/test-binaries.sh $(DEMO_TOOLS) | tail -n 1); \
-	KUBEBUILDER_ASSETS="$$assets" go run ./hack/demo -stickylb $(BIN)/stickylb
+	KUBEBUILDER_ASSETS="$$assets" CGO_ENABLED=0 go run -trimpath ./hack/demo -stickylb $(BIN)/stickylb
 
 .PHONY: dev
 dev: demo-tools build ## The demo's set-up, kept running: prints how to use kubectl against it.
 	@assets=$$(hack/test-binaries.sh $(DEMO_TOOLS) | tail -n 1); \
-	KUBEBUILDER_ASSETS="$$assets" go run ./hack/demo -dev -stickylb $(BIN)/stickylb
+	KUBEBUILDER_ASSETS="$$assets" CGO_ENABLED=0 go run -trimpath ./hack/demo -dev -stickylb $(BIN)/stickylb
 
-# Before build, so that the first run shows one progress line per tool rather
+# Before build, so that the first run shows one progress line per step rather
 # than Go's module downloads: the tools' go output goes to a log, and go mod
 # download fetches stickylb's own modules without a line each.
 .PHONY: demo-tools
@@ -86,6 +89,7 @@ demo-tools: ## Build once (or find in the cache) only the tools make demo and ma
 	@hack/host-tools.sh
 	@hack/test-binaries.sh $(DEMO_TOOLS) >/dev/null
 	@go mod download
+	@[ -x $(BIN)/stickylb ] || echo "demo: compiling stickylb and the demo program, usually 2 min here with Go's build cache empty, seconds after"
 
 .PHONY: bench
 bench: ## Dataplane benchmark: stickylb proxy vs direct vs HAProxy, then the Go microbenchmarks, the controller benchmarks and the issue's targets.
