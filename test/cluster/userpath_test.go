@@ -2,9 +2,13 @@ package cluster
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -378,6 +382,26 @@ func TestUserPath(t *testing.T) {
 		{"clients still stick after all of it", func(t *testing.T) {
 			stickyEverywhere(t, k8s, fe)
 		}},
+		{"kubectl stickylb where, through kubectl exec into each replica, names the pod a client reaches", func(t *testing.T) {
+			const clients = 20
+			reached := pinnedBackends(t, k8s, fe, 0, clients)
+			for i := range clients {
+				out := kubectlStickylb(t, "where", ruleName, cluster.ClientIP(i).String(), "-n", appNS, "-o", "json")
+				var ans struct {
+					Backend  struct{ Pod string }
+					Agree    bool
+					Replicas []struct{ Replica string }
+				}
+				if err := json.Unmarshal([]byte(out), &ans); err != nil {
+					t.Fatalf("%v: %s", err, out)
+				}
+				if !ans.Agree || len(ans.Replicas) != 2 || ans.Backend.Pod != reached[i] {
+					t.Errorf("client %s reached %s; kubectl stickylb where says %s", cluster.ClientIP(i), reached[i], out)
+				}
+			}
+			t.Logf("kubectl stickylb where %s %s -n %s:\n%s", ruleName, cluster.ClientIP(0), appNS,
+				kubectlStickylb(t, "where", ruleName, cluster.ClientIP(0).String(), "-n", appNS))
+		}},
 		{"a crashed replica leaves the frontend as fast as Kubernetes drops it", func(t *testing.T) {
 			// The standby's process is killed outright. Kubernetes' own
 			// EndpointSlice of the chart's metrics Service, which selects the
@@ -647,6 +671,34 @@ func stickyEverywhere(t *testing.T, c client.Client, fe frontend) {
 	if len(pods) < 4 {
 		t.Errorf("the clients reached %d backend pods, want at least 4: kube-proxy may have hidden their addresses", len(pods))
 	}
+}
+
+// kubectlStickylb runs `kubectl stickylb ARGS` with the real kubectl, which
+// finds the plugin (the stickylb binary as kubectl-stickylb) on its PATH.
+func kubectlStickylb(t *testing.T, args ...string) string {
+	t.Helper()
+	dir := filepath.Join(workDir, "plugin")
+	plugin := filepath.Join(dir, "kubectl-stickylb")
+	if _, err := os.Stat(plugin); err != nil {
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		out, err := exec.Command("go", "build", "-o", plugin, "../..").CombinedOutput()
+		if err != nil {
+			t.Fatalf("build the plugin: %v: %s", err, out)
+		}
+	}
+	cmd := exec.Command(kubectlPath(), append([]string{"stickylb"}, args...)...)
+	cmd.Env = append(os.Environ(), "PATH="+dir+string(os.PathListSeparator)+os.Getenv("PATH"), "KUBECONFIG="+kc.Kubeconfig)
+	out, err := cmd.Output()
+	if err != nil {
+		stderr := ""
+		if ee, ok := err.(*exec.ExitError); ok {
+			stderr = string(ee.Stderr)
+		}
+		t.Fatalf("kubectl stickylb %s: %v: %s%s", strings.Join(args, " "), err, stderr, out)
+	}
+	return string(out)
 }
 
 // pinnedBackends asks each of n clients from cluster.ClientIP(from) on for
