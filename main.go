@@ -124,8 +124,8 @@ func parseManagerFlags(args []string) (*managerOptions, *flag.FlagSet, error) {
 		"on SIGTERM, how long to wait (still serving, no longer ready) until no frontend EndpointSlice lists this replica; skipped outside a cluster")
 	fs.DurationVar(&o.shutdownDelay, "shutdown-delay", defaultShutdownDelay,
 		"on SIGTERM, how long to go on serving once no frontend lists this replica, so kube-proxy on every node has caught up (default 0 outside a cluster)")
-	fs.StringVar(&o.debugAddr, "debug-bind-address", defaultDebugAddress,
-		"loopback address where this replica answers `kubectl stickylb where` (asked through kubectl exec); \"0\" turns it off")
+	fs.StringVar(&o.debugAddr, "debug-bind-address", "",
+		"loopback IP:PORT where this replica answers `kubectl stickylb where` (asked through kubectl exec); \"0\" turns it off (default "+defaultDebugAddress+", or port 8082 on a loopback --dataplane-bind-address)")
 	fs.DurationVar(&o.reportInterval, "report-interval", controllers.DefaultReportInterval,
 		"least time between two writes of this replica's report Lease (what its dataplane serves, which rule status speaks for); changes in between are coalesced")
 	bindLimitFlags(fs, &o.limits)
@@ -302,12 +302,12 @@ func runManager(args []string) int {
 		Replica: replica, Namespace: reportNS, Address: bind.String(), Interval: o.reportInterval,
 		Log: ctrl.Log.WithName("report"),
 	}
-	if o.debugAddr != "0" {
-		if ap, err := netip.ParseAddrPort(o.debugAddr); err != nil || !ap.Addr().IsLoopback() {
-			log.Error(fmt.Errorf("%q: want a loopback IP:PORT", o.debugAddr), "--debug-bind-address")
+	if debug := debugAddress(o.debugAddr, bind); debug != "0" {
+		if ap, err := netip.ParseAddrPort(debug); err != nil || !ap.Addr().IsLoopback() {
+			log.Error(fmt.Errorf("%q: want a loopback IP:PORT", debug), "--debug-bind-address")
 			return 1
 		}
-		if err := mgr.Add(&whereServer{addr: o.debugAddr, replica: replica, where: p.Where}); err != nil {
+		if err := mgr.Add(&whereServer{addr: debug, replica: replica, where: p.Where, log: ctrl.Log.WithName("where")}); err != nil {
 			log.Error(err, "set up the where endpoint")
 			return 1
 		}

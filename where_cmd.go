@@ -25,12 +25,29 @@ import (
 	"strings"
 	"time"
 
+	"github.com/go-logr/logr"
+
 	"github.com/stickylb/stickylb/dataplane/proxy"
 	"github.com/stickylb/stickylb/dataplane/snapshot"
 )
 
-// defaultDebugAddress is where a replica answers "where" questions; loopback only.
+// defaultDebugAddress is where a replica answers "where" questions, on
+// loopback only: in a cluster, the pod's; outside one, see debugAddress.
 const defaultDebugAddress = "127.0.0.1:8082"
+
+// debugAddress is the where endpoint's address: the flag's, or by default
+// port 8082 on the dataplane's address when that is a loopback one (so
+// that several replicas on one machine, 127.0.0.1 and 127.0.0.2, each have
+// theirs), else on 127.0.0.1.
+func debugAddress(flagValue string, dataplane netip.Addr) string {
+	if flagValue != "" {
+		return flagValue
+	}
+	if dataplane.IsLoopback() {
+		return netip.AddrPortFrom(dataplane, 8082).String()
+	}
+	return defaultDebugAddress
+}
 
 // replicaAnswer is one replica's answer, as the endpoint returns it.
 type replicaAnswer struct {
@@ -43,16 +60,20 @@ type replicaAnswer struct {
 type whereServer struct {
 	addr    string
 	replica string
+	log     logr.Logger
 	where   func(rule string, client netip.Addr, proto snapshot.Protocol) (proxy.Answer, error)
 }
 
 func (s *whereServer) NeedLeaderElection() bool { return false }
 
-// Start serves until ctx ends.
+// Start serves until ctx ends. An address it cannot listen on is logged,
+// and the replica goes on serving traffic without the endpoint.
 func (s *whereServer) Start(ctx context.Context) error {
 	ln, err := net.Listen("tcp", s.addr)
 	if err != nil {
-		return fmt.Errorf("--debug-bind-address: %w", err)
+		s.log.Error(err, "the where endpoint is off: set --debug-bind-address to a free loopback address", "address", s.addr)
+		<-ctx.Done()
+		return nil
 	}
 	srv := &http.Server{Handler: http.HandlerFunc(s.serveWhere), ReadHeaderTimeout: 5 * time.Second}
 	go func() {
