@@ -89,7 +89,7 @@ demo-tools: ## Build once (or find in the cache) only the tools make demo and ma
 	@hack/host-tools.sh
 	@hack/test-binaries.sh $(DEMO_TOOLS) >/dev/null
 	@go mod download
-	@[ -x $(BIN)/stickylb ] || echo "demo: compiling stickylb and the demo program, usually 2 min here with Go's build cache empty, seconds after"
+	@[ -x $(BIN)/stickylb ] || echo "demo: compiling stickylb and the demo program, usually 2-4 min here with Go's build cache empty, seconds after"
 
 .PHONY: bench
 bench: ## Dataplane benchmark: stickylb proxy vs direct vs HAProxy, then the Go microbenchmarks, the controller benchmarks and the issue's targets.
