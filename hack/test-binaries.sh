@@ -56,7 +56,7 @@ declare -A what=(
 # after the control group, as make test builds them), then with Go's build
 # cache already holding the step.
 declare -A takes=(
-	[control]="8-11 min here (25 s once Go's build cache has it)"
+	[control]="7-11 min here (25 s once Go's build cache has it)"
 	[node]="3-4 min here after kube-apiserver (15 s once Go's build cache has it)"
 	[etcd]="35 s here after kube-apiserver (2 s once Go's build cache has it)"
 	[controller-gen]="20 s here (2 s once Go's build cache has it)"
