@@ -2,14 +2,19 @@
 # make bench: the dataplane benchmark report (see hack/bench/main.go).
 #
 #   1. builds bin/stickylb;
-#   2. installs HAProxy from Debian when it is missing and we are root;
+#   2. installs HAProxy, and nginx with its stream module (the UDP peer),
+#      from Debian when they are missing and we are root;
 #   3. runs the driver: direct vs stickylb proxy vs HAProxy, one table; in
 #      the short-connections test also stickylb-nopins, the same binary with
 #      its rule's sessionPersistenceTimeoutInMinutes: 0 (no pins), back to
 #      back with stickylb (pins on, the default), in a table of its own; and
 #      stickylb-v2 (proxyProtocol: V2) and haproxy-v2 (send-proxy-v2), over
 #      backends that require and parse the PROXY v2 header (a second port,
-#      go-proxyproto), next to stickylb (None), in a third table;
+#      go-proxyproto), next to stickylb (None), in a third table; and in
+#      the UDP tests (64 B from 32 sources, 64 B from 1,000 sources, 1,400 B)
+#      nginx's stream module (hash $remote_addr consistent), its own child
+#      process with its own prefix and configuration, next to stickylb in a
+#      table of its own;
 #   4. runs the Go microbenchmarks of ./dataplane/... (among them the heap
 #      per pinned client, BenchmarkPinMemory's B/pin, and what pins add to
 #      a new flow's backend choice, BenchmarkChooseNewFlow);
@@ -18,7 +23,8 @@
 #   6. prints the issue's targets as PASS/FAIL/SKIP (pins on vs off: short
 #      connections/s at least 0.95x, under 100 B per pinned client; PROXY
 #      v2: short connections/s of stickylb V2 at least HAProxy
-#      send-proxy-v2's and at least 0.95x stickylb None's).
+#      send-proxy-v2's and at least 0.95x stickylb None's; UDP datagrams/s
+#      at least 1.2x nginx's).
 #
 # It is a report: it exits 0 even when a step fails, and says which.
 # Extra driver flags go in BENCH_FLAGS, e.g. BENCH_FLAGS="-rounds 2".
@@ -53,6 +59,18 @@ if command -v haproxy >/dev/null; then
 	haproxy -v | head -n 2
 else
 	echo "bench: haproxy is not installed and could not be: the HAProxy column is unavailable"
+fi
+
+step "nginx (stream module, the UDP peer)"
+if [ "$(id -u)" = 0 ] && { ! command -v nginx >/dev/null || ! nginx -V 2>&1 | grep -q -- '--with-stream' ||
+	{ nginx -V 2>&1 | grep -q -- '--with-stream=dynamic' && ! ls /usr/lib/nginx/modules/ngx_stream_module.so >/dev/null 2>&1; }; }; then
+	echo "installing nginx and libnginx-mod-stream from Debian (not started as a service)"
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx libnginx-mod-stream >/dev/null
+fi
+if command -v nginx >/dev/null; then
+	nginx -v 2>&1
+else
+	echo "bench: nginx is not installed and could not be: the nginx column is unavailable"
 fi
 
 step "dataplane benchmark"

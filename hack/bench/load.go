@@ -58,10 +58,16 @@ func isSkip(err error) bool {
 }
 
 const (
-	bulkStreams     = 8
-	connWorkers     = 32
-	udpSockets      = 32
-	udpWindow       = 8 // datagrams in flight per socket
+	bulkStreams = 8
+	connWorkers = 32
+	udpSockets  = 32
+	udpWindow   = 8 // datagrams in flight per socket
+	udpSize     = 64
+	// The UDP variants: many sources with one datagram in flight each (a
+	// DNS-like load, a session each), and large datagrams.
+	udpManySockets  = 1000
+	udpManyWindow   = 1
+	udpLargeSize    = 1400
 	dialTimeout     = 5 * time.Second
 	ioTimeout       = 5 * time.Second
 	idleOpenWorkers = 32
@@ -86,8 +92,18 @@ func (r *runner) measurements() []measurement {
 			{Key: "idle_rss", Label: fmt.Sprintf("idle TCP conns (%d), RSS", r.idleConns), Unit: "KiB/conn", Better: lower, Prec: 2},
 			{Key: "idle_fds", Label: fmt.Sprintf("idle TCP conns (%d), fds", r.idleConns), Unit: "fds/conn", Better: lower, Prec: 2},
 		}, run: (*runner).idle},
-		{name: "udp", udp: true, rows: []row{{Key: "udp_rate", Label: fmt.Sprintf("UDP echo 64 B, %d sources", udpSockets), Unit: "datagrams/s", Better: higher, Prec: 0}},
-			run: (*runner).udpRate},
+		{name: "udp", udp: true, rows: []row{{Key: "udp_rate", Label: fmt.Sprintf("UDP echo %d B, %d sources × %d in flight", udpSize, udpSockets, udpWindow), Unit: "datagrams/s", Better: higher, Prec: 0}},
+			run: func(r *runner, s *session) ([]float64, error) {
+				return r.udpRate(s, udpLoad{sources: udpSources, sockets: udpSockets, window: udpWindow, size: udpSize})
+			}},
+		{name: "udp1000", udp: true, rows: []row{{Key: "udp_rate_1000", Label: fmt.Sprintf("UDP echo %d B, %d sources × %d in flight", udpSize, udpManySockets, udpManyWindow), Unit: "datagrams/s", Better: higher, Prec: 0}},
+			run: func(r *runner, s *session) ([]float64, error) {
+				return r.udpRate(s, udpLoad{sources: udpManySources, sockets: udpManySockets, window: udpManyWindow, size: udpSize})
+			}},
+		{name: "udp1400", udp: true, rows: []row{{Key: "udp_rate_1400", Label: fmt.Sprintf("UDP echo %d B, %d sources × %d in flight", udpLargeSize, udpSockets, udpWindow), Unit: "datagrams/s", Better: higher, Prec: 0}},
+			run: func(r *runner, s *session) ([]float64, error) {
+				return r.udpRate(s, udpLoad{sources: udpSources, sockets: udpSockets, window: udpWindow, size: udpLargeSize})
+			}},
 	}
 }
 
@@ -112,7 +128,7 @@ func (r *runner) selected() ([]measurement, error) {
 func (r *runner) measure(m measurement, t *target) ([]float64, error) {
 	switch {
 	case m.proxiedOnly && t.name == targetDirect, m.udp && t.name == targetHAProxy,
-		t.only != "" && t.only != m.name:
+		t.only != "" && t.only != m.name, t.udpOnly && !m.udp:
 		return nil, errNotApplicable
 	case t.unavailable != "":
 		return nil, errUnavailable
@@ -169,8 +185,10 @@ var (
 	connSources = sourcePool{second: 16, size: 16 * 256 * 254} // 127.16.0.1-127.31.255.254
 	idleSources = sourcePool{third: 4, size: 4 * 254}          // 127.0.4.1-127.0.7.254
 	udpSources  = sourcePool{third: 8, size: udpSockets}
-	bulkSources = sourcePool{third: 9, size: bulkStreams}
-	pingSource  = sourcePool{third: 10, size: 1}
+	// 127.0.12.1-127.0.15.238
+	udpManySources = sourcePool{third: 12, size: udpManySockets}
+	bulkSources    = sourcePool{third: 9, size: bulkStreams}
+	pingSource     = sourcePool{third: 10, size: 1}
 )
 
 // ipBindAddressNoPort is IP_BIND_ADDRESS_NO_PORT (linux/in.h): bind picks the
@@ -500,21 +518,30 @@ func closeConns(conns []*net.TCPConn) {
 	}
 }
 
-// udpRate measures 64-byte UDP echoes per second from udpSockets client
-// sockets with distinct source IPs, udpWindow datagrams in flight on each.
-func (r *runner) udpRate(s *session) ([]float64, error) {
-	conns := make([]*net.UDPConn, 0, udpSockets)
+// udpLoad is one UDP echo workload.
+type udpLoad struct {
+	sources sourcePool
+	sockets int // client sockets, one per source address
+	window  int // datagrams in flight per socket
+	size    int // bytes per datagram
+}
+
+// udpRate measures UDP echoes per second of ld: a connected client socket
+// per source address (each its own session), ld.window datagrams of ld.size
+// bytes in flight on each.
+func (r *runner) udpRate(s *session, ld udpLoad) ([]float64, error) {
+	conns := make([]*net.UDPConn, 0, ld.sockets)
 	defer func() {
 		for _, c := range conns {
 			c.Close()
 		}
 	}()
-	for i := range udpSockets {
+	for i := range ld.sockets {
 		raddr, err := net.ResolveUDPAddr("udp", s.udp(i))
 		if err != nil {
 			return nil, err
 		}
-		c, err := net.DialUDP("udp", &net.UDPAddr{IP: udpSources.addr(i).AsSlice()}, raddr)
+		c, err := net.DialUDP("udp", &net.UDPAddr{IP: ld.sources.addr(i).AsSlice()}, raddr)
 		if err != nil {
 			return nil, err
 		}
@@ -525,17 +552,17 @@ func (r *runner) udpRate(s *session) ([]float64, error) {
 			return nil, fmt.Errorf("socket %d (%s): %w", i, c.LocalAddr(), err)
 		}
 	}
-	echoed := make(counters, udpSockets)
-	lost := make(counters, udpSockets)
+	echoed := make(counters, ld.sockets)
+	lost := make(counters, ld.sockets)
 	var stopping atomic.Bool
-	failed := make(chan error, udpSockets)
+	failed := make(chan error, ld.sockets)
 	var wg sync.WaitGroup
 	for i, c := range conns {
 		wg.Go(func() {
-			msg, buf := bytes.Repeat([]byte{'u'}, 64), make([]byte, 2048)
+			msg, buf := bytes.Repeat([]byte{'u'}, ld.size), make([]byte, 2048)
 			inFlight, reads := 0, 0
 			for !stopping.Load() {
-				for ; inFlight < udpWindow; inFlight++ {
+				for ; inFlight < ld.window; inFlight++ {
 					if _, err := c.Write(msg); err != nil {
 						if !stopping.Load() {
 							failed <- fmt.Errorf("socket %d: %w", i, err)
@@ -548,7 +575,8 @@ func (r *runner) udpRate(s *session) ([]float64, error) {
 					_ = c.SetReadDeadline(time.Now().Add(250 * time.Millisecond))
 				}
 				reads++
-				if _, err := c.Read(buf); err != nil {
+				n, err := c.Read(buf)
+				if err != nil {
 					if ne, ok := errors.AsType[net.Error](err); ok && ne.Timeout() {
 						lost[i].n.Add(int64(inFlight))
 						inFlight, reads = 0, 0
@@ -557,6 +585,13 @@ func (r *runner) udpRate(s *session) ([]float64, error) {
 					if !stopping.Load() {
 						failed <- fmt.Errorf("socket %d: %w", i, err)
 					}
+					return
+				}
+				if n == len(hello) {
+					continue // a late answer to udpFirstEcho's retries
+				}
+				if n != ld.size && !stopping.Load() {
+					failed <- fmt.Errorf("socket %d: a %d-byte echo of a %d-byte datagram", i, n, ld.size)
 					return
 				}
 				inFlight--
@@ -572,16 +607,18 @@ func (r *runner) udpRate(s *session) ([]float64, error) {
 		return nil, err
 	}
 	if l := lost.sum() - l0; l > 0 {
-		r.note("%s UDP, round %d: %d datagrams unanswered within 250 ms", s.name(), r.round, l)
+		r.note("%s UDP %d B × %d sources, round %d: %d datagrams unanswered within 250 ms", s.name(), ld.size, ld.sockets, r.round, l)
 	}
 	return []float64{float64(n) / elapsed.Seconds()}, nil
 }
+
+var hello = []byte("hello")
 
 func udpFirstEcho(c *net.UDPConn) error {
 	buf := make([]byte, 2048)
 	var err error
 	for range 10 {
-		if _, err = c.Write([]byte("hello")); err != nil {
+		if _, err = c.Write(hello); err != nil {
 			return err
 		}
 		_ = c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))

@@ -59,6 +59,7 @@ type config struct {
 	stickylb  string        // path of the stickylb binary; "" leaves its column out
 	extraArgs string        // more flags for `stickylb proxy`, space-separated
 	haproxy   string        // path of haproxy; "" leaves its column out
+	nginx     string        // path of nginx, the UDP peer; "" leaves its column out
 	window    time.Duration // measured part of each throughput and rate test
 	warmup    time.Duration // unmeasured run-in before each window
 	rounds    int           // repeat every test; the best round counts
@@ -76,13 +77,14 @@ func main() {
 	flag.StringVar(&cfg.stickylb, "stickylb", "bin/stickylb", "stickylb binary to benchmark (\"\" to skip)")
 	flag.StringVar(&cfg.extraArgs, "stickylb-args", "", "more flags for `stickylb proxy`, space-separated (e.g. --backend-congestion-control=system)")
 	flag.StringVar(&cfg.haproxy, "haproxy", "haproxy", "haproxy binary to compare with (\"\" to skip)")
+	flag.StringVar(&cfg.nginx, "nginx", "nginx", "nginx binary (with the stream module) to compare with in the UDP tests (\"\" to skip)")
 	flag.DurationVar(&cfg.window, "window", 4*time.Second, "measured duration of each throughput and rate test")
 	flag.DurationVar(&cfg.warmup, "warmup", 500*time.Millisecond, "unmeasured warm-up before each window")
 	flag.IntVar(&cfg.rounds, "rounds", 2, "run every test this many times (alternating the order of the targets) and keep each target's best result")
 	flag.IntVar(&cfg.idleConns, "idle-conns", 8000, "idle proxied connections held open for the memory test")
 	flag.IntVar(&cfg.pingPongs, "ping-pongs", 20000, "measured round trips of the latency test")
 	flag.StringVar(&cfg.jsonOut, "json", "", "write the results here (read back by -verdict)")
-	flag.StringVar(&cfg.tests, "tests", "", "run only these tests, comma-separated: upload,download,connections,latency,idle,udp")
+	flag.StringVar(&cfg.tests, "tests", "", "run only these tests, comma-separated: upload,download,connections,latency,idle,udp,udp1000,udp1400")
 	flag.Parse()
 
 	switch {
@@ -130,19 +132,23 @@ func run(cfg config) int {
 	res := &results{
 		CPUs:       runtime.NumCPU(),
 		GOMAXPROCS: runtime.GOMAXPROCS(0),
-		Targets:    []string{targetDirect, targetStickylb, targetNoPins, targetV2, targetHAProxyV2, targetHAProxy},
+		Targets:    []string{targetDirect, targetStickylb, targetNoPins, targetV2, targetHAProxyV2, targetHAProxy, targetNginx},
 		Cells:      map[string]map[string]cell{},
 	}
 	// Side by side, each round in this order or the reverse: stickylb
 	// without pins, with (the default), with proxyProtocol: V2, then
 	// HAProxy with send-proxy-v2 and without. So stickylb runs next to
 	// both its variants, and the two v2 targets next to each other.
-	haproxy := r.haproxyTarget()
+	// nginx, in the UDP tests only, runs right after stickylb (or before).
+	haproxy, nginx := r.haproxyTarget(), r.nginxTarget()
 	targets := []*target{
-		{name: targetDirect}, r.noPinsTarget(), r.stickylbTarget(), r.v2Target(), r.haproxyV2Target(), haproxy,
+		{name: targetDirect}, r.noPinsTarget(), r.stickylbTarget(), nginx, r.v2Target(), r.haproxyV2Target(), haproxy,
 	}
 	if haproxy.unavailable == "" {
 		res.HAProxy = haproxyVersion(haproxy.bin)
+	}
+	if nginx.unavailable == "" {
+		res.Nginx = nginxVersion(nginx.bin)
 	}
 	printHeader(os.Stdout, r, res)
 
@@ -288,6 +294,18 @@ func printHeader(w *os.File, r *runner, res *results) {
 	if res.HAProxy != "" {
 		fmt.Fprintf(w, "haproxy: %s\n", res.HAProxy)
 	}
+	if res.Nginx != "" {
+		fmt.Fprintf(w, "nginx: %s (stream module, UDP tests only)\n", res.Nginx)
+	}
+}
+
+func nginxVersion(bin string) string {
+	out, err := exec.Command(bin, "-v").CombinedOutput()
+	if err != nil {
+		return "unknown (" + err.Error() + ")"
+	}
+	first, _, _ := strings.Cut(string(out), "\n")
+	return strings.TrimPrefix(strings.TrimSpace(first), "nginx version: ")
 }
 
 func haproxyVersion(bin string) string {

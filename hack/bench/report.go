@@ -48,6 +48,7 @@ type results struct {
 	CPUs       int                        `json:"cpus"`
 	GOMAXPROCS int                        `json:"gomaxprocs"`
 	HAProxy    string                     `json:"haproxy,omitempty"`
+	Nginx      string                     `json:"nginx,omitempty"`
 	Targets    []string                   `json:"targets"`
 	Rows       []row                      `json:"rows"`
 	Cells      map[string]map[string]cell `json:"cells"` // row key → target → cell
@@ -169,6 +170,21 @@ func printTable(w io.Writer, res *results) {
 	if len(pinLines) > 1 {
 		fmt.Fprintln(w)
 		printLines(w, pinLines)
+	}
+
+	udpLines := [][]string{{"UDP vs nginx", "unit", targetDirect, targetStickylb, targetNginx, "stickylb/direct", "nginx/direct", "stickylb/nginx"}}
+	for _, rw := range res.Rows {
+		if !measuredIn(res, rw, targetNginx) {
+			continue
+		}
+		udpLines = append(udpLines, []string{
+			rw.Label, rw.Unit, res.format(rw, targetDirect), res.format(rw, targetStickylb), res.format(rw, targetNginx),
+			res.ratio(rw, targetStickylb, targetDirect), res.ratio(rw, targetNginx, targetDirect), res.ratio(rw, targetStickylb, targetNginx),
+		})
+	}
+	if len(udpLines) > 1 {
+		fmt.Fprintln(w)
+		printLines(w, udpLines)
 	}
 
 	v2Lines := [][]string{{"PROXY protocol v2", "unit", "stickylb (None)", targetV2, targetHAProxyV2 + " (send-proxy-v2)", "v2/None", "v2/haproxy-v2"}}
@@ -364,7 +380,36 @@ func verdicts(res *results, micro map[string]benchResult) []verdictLine {
 		out = append(out, verdictLine{"SKIP", pinMemory, "no BenchmarkPinMemory B/pin result"})
 	}
 	out = append(out, v2VsHAProxy(res, rowOf["conn_rate"]), v2VsNone(res, rowOf["conn_rate"], 0.95))
+	out = append(out, udpVsNginx(res, rowOf["udp_rate"], 1.2))
 	return out
+}
+
+// udpVsNginx compares stickylb's UDP echo rate on the issue's workload
+// (64 B, 32 sources, 8 in flight each) with nginx stream's, measured side
+// by side in the same run; the detail adds the other UDP workloads' ratios.
+func udpVsNginx(res *results, rw row, factor float64) verdictLine {
+	v := verdictLine{target: fmt.Sprintf("UDP datagrams/s stickylb vs nginx ≥ %.1f×", factor)}
+	s, n := res.get("udp_rate", targetStickylb), res.get("udp_rate", targetNginx)
+	switch {
+	case s.State == stateFailed:
+		v.result, v.detail = "FAIL", "the stickylb measurement failed (see the notes)"
+	case s.State != stateOK:
+		v.result, v.detail = "SKIP", "stickylb "+s.State
+	case n.State != stateOK:
+		v.result, v.detail = "SKIP", "nginx "+n.State
+	case n.Value == 0:
+		v.result, v.detail = "SKIP", "nginx echoed nothing"
+	default:
+		v.result = passFail(s.Value >= factor*n.Value)
+		v.detail = fmt.Sprintf("stickylb %s vs nginx %s %s (%.2f×)", formatValue(s.Value, rw.Prec), formatValue(n.Value, rw.Prec), rw.Unit, s.Value/n.Value)
+		for _, o := range []struct{ key, name string }{{"udp_rate_1000", "1,000 sources"}, {"udp_rate_1400", "1,400 B"}} {
+			so, no := res.get(o.key, targetStickylb), res.get(o.key, targetNginx)
+			if so.State == stateOK && no.State == stateOK && no.Value > 0 {
+				v.detail += fmt.Sprintf("; %s %.2f×", o.name, so.Value/no.Value)
+			}
+		}
+	}
+	return v
 }
 
 // pinsVsNoPins compares the short-connection rate of stickylb with pins (its

@@ -66,7 +66,7 @@ func TestVerdicts(t *testing.T) {
 		},
 	}
 	micro := parseBench(strings.NewReader(sampleBench))
-	want := []string{"PASS", "FAIL", "SKIP", "FAIL", "PASS", "FAIL", "PASS", "PASS", "PASS", "PASS", "FAIL", "PASS"}
+	want := []string{"PASS", "FAIL", "SKIP", "FAIL", "PASS", "FAIL", "PASS", "PASS", "PASS", "PASS", "FAIL", "PASS", "SKIP"}
 	got := verdicts(res, micro)
 	if len(got) != len(want) {
 		t.Fatalf("got %d verdicts, want %d", len(got), len(want))
@@ -122,6 +122,36 @@ func TestPinVerdicts(t *testing.T) {
 			}
 			if mem.result != tc.mem || !strings.Contains(mem.detail, tc.mDet) {
 				t.Errorf("memory per pin: %s (%s), want %s (%s)", mem.result, mem.detail, tc.mem, tc.mDet)
+			}
+		})
+	}
+}
+
+func TestUDPVerdict(t *testing.T) {
+	ok := func(v float64) cell { return cell{State: stateOK, Value: v} }
+	rows := []row{{Key: "udp_rate", Unit: "datagrams/s", Better: higher}}
+	const title = "UDP datagrams/s stickylb vs nginx ≥ 1.2×"
+	for _, tc := range []struct {
+		name           string
+		cells          map[string]map[string]cell
+		result, detail string
+	}{
+		{name: "1.2× passes", cells: map[string]map[string]cell{
+			"udp_rate":      {targetStickylb: ok(60000), targetNginx: ok(50000)},
+			"udp_rate_1000": {targetStickylb: ok(30000), targetNginx: ok(40000)},
+			"udp_rate_1400": {targetStickylb: ok(50000), targetNginx: ok(40000)},
+		}, result: "PASS", detail: "stickylb 60000 vs nginx 50000 datagrams/s (1.20×); 1,000 sources 0.75×; 1,400 B 1.25×"},
+		{name: "below fails", cells: map[string]map[string]cell{"udp_rate": {targetStickylb: ok(59000), targetNginx: ok(50000)}},
+			result: "FAIL", detail: "(1.18×)"},
+		{name: "no nginx", cells: map[string]map[string]cell{"udp_rate": {targetStickylb: ok(59000), targetNginx: {State: stateUnavailable}}},
+			result: "SKIP", detail: "nginx unavailable"},
+		{name: "stickylb failed", cells: map[string]map[string]cell{"udp_rate": {targetStickylb: {State: stateFailed}, targetNginx: ok(1)}},
+			result: "FAIL", detail: "measurement failed"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			v := verdictNamed(t, verdicts(&results{Rows: rows, Cells: tc.cells}, nil), title)
+			if v.result != tc.result || !strings.Contains(v.detail, tc.detail) {
+				t.Errorf("%s (%s), want %s (%s)", v.result, v.detail, tc.result, tc.detail)
 			}
 		})
 	}

@@ -24,6 +24,9 @@ const (
 	// where every connection must open with a v2 header.
 	targetV2        = "stickylb-v2"
 	targetHAProxyV2 = "haproxy-v2"
+	// targetNginx is nginx's stream module, the UDP peer (issue 16): it
+	// takes part in the UDP tests only.
+	targetNginx = "nginx"
 
 	// noPinsTest is the one test the stickylb-nopins target takes part in:
 	// the cost of pins is the cost of a new flow, and the other tests open
@@ -38,6 +41,7 @@ const (
 	// so that no outgoing connection's source port can take them.
 	stickylbFirstPort = 18080
 	haproxyFirstPort  = 18090
+	nginxFirstPort    = 18100
 
 	startTimeout = 5 * time.Second
 	stopTimeout  = 10 * time.Second
@@ -49,6 +53,7 @@ type target struct {
 	bin         string
 	unavailable string // why the column is empty; "" when usable
 	only        string // the one test this target takes part in; "" for all
+	udpOnly     bool   // takes part in the UDP tests only
 }
 
 // A session is a running target: fresh for each test, so no test inherits
@@ -127,6 +132,26 @@ func (r *runner) haproxyTarget() *target {
 	return t
 }
 
+// nginxTarget is nginx's stream module over the same backends, in the UDP
+// tests only.
+func (r *runner) nginxTarget() *target {
+	t := &target{name: targetNginx, udpOnly: true}
+	if r.nginx == "" {
+		t.unavailable = "not requested (-nginx \"\")"
+		return t
+	}
+	bin, err := exec.LookPath(r.nginx)
+	if err != nil {
+		t.unavailable = err.Error()
+		return t
+	}
+	t.bin = bin
+	if _, err := nginxStreamModule(bin); err != nil {
+		t.unavailable = err.Error()
+	}
+	return t
+}
+
 // start runs the target and waits until its frontend accepts connections.
 func (r *runner) start(t *target) (*session, error) {
 	switch t.name {
@@ -149,6 +174,24 @@ func (r *runner) start(t *target) (*session, error) {
 			}
 			return []string{"-db", "-f", cfg}, nil
 		}, syscall.SIGUSR1) // HAProxy's graceful stop; on SIGTERM it dies of the signal
+	case targetNginx:
+		return r.startProxy(t, nginxFirstPort, func(port int) ([]string, error) {
+			prefix := filepath.Join(r.tmp, "nginx")
+			if err := os.MkdirAll(filepath.Join(prefix, "logs"), 0o755); err != nil {
+				return nil, err
+			}
+			cfg, err := r.nginxConfig(t.bin, prefix, port)
+			if err != nil {
+				return nil, err
+			}
+			conf := filepath.Join(prefix, "nginx.conf")
+			if err := os.WriteFile(conf, []byte(cfg), 0o644); err != nil {
+				return nil, err
+			}
+			// Its own prefix and configuration, in the foreground, logging
+			// to stderr from the start: nothing of the system's nginx.
+			return []string{"-p", prefix, "-c", conf, "-e", "stderr", "-g", "daemon off;"}, nil
+		}, syscall.SIGTERM) // nginx's fast stop: a graceful one (SIGQUIT) waits for every UDP session to time out
 	}
 	return nil, fmt.Errorf("unknown target %q", t.name)
 }
@@ -164,6 +207,12 @@ func (r *runner) startProxy(t *target, firstPort int, args func(port int) ([]str
 	}
 	c := newChild(t.name, t.bin, a...)
 	c.stopSignal = stopSignal
+	if t.name == targetNginx {
+		// nginx's workers are the master's children: a process group lets
+		// killChildren take them too.
+		c.cmd.SysProcAttr.Setpgid = true
+		c.group = true
+	}
 	if err := c.start(); err != nil {
 		return nil, &startError{err}
 	}
@@ -263,6 +312,87 @@ backend pool
 %s`, maxconn, maxconn, port, servers.String())
 }
 
+// nginxConfig is nginx's nearest equivalent of the rule's UDP side: the
+// stream module, the client's address hashed on a consistent ring over the
+// four backends, one session per client address and port that lasts until
+// it has been idle for the rule's idle timeout (proxy_timeout 5m, and no
+// proxy_responses: a session is not closed after so many replies). One
+// worker per CPU (auto), each with its own socket (reuseport, as nginx
+// recommends for UDP), so that a client's datagrams always reach the worker
+// that holds its session. It also listens on TCP on the same port, over
+// the same pool, only so that the driver can see it serve.
+func (r *runner) nginxConfig(bin, prefix string, port int) (string, error) {
+	module, err := nginxStreamModule(bin)
+	if err != nil {
+		return "", err
+	}
+	load := ""
+	if module != "" {
+		load = fmt.Sprintf("load_module %s;\n", module)
+	}
+	var servers strings.Builder
+	for _, ip := range backendIPs {
+		fmt.Fprintf(&servers, "        server %s:%d;\n", ip, r.backendPort)
+	}
+	return fmt.Sprintf(`# Written by hack/bench.
+%sworker_processes auto;
+worker_rlimit_nofile 65536;
+pid %s;
+error_log stderr warn;
+
+events {
+    worker_connections 16384;
+}
+
+stream {
+    upstream pool {
+        hash $remote_addr consistent;
+%s    }
+    server {
+        listen 127.0.0.1:%d udp reuseport;
+        proxy_pass pool;
+        proxy_timeout 5m;
+    }
+    server {
+        listen 127.0.0.1:%d;
+        proxy_pass pool;
+    }
+}
+`, load, filepath.Join(prefix, "nginx.pid"), servers.String(), port, port), nil
+}
+
+// nginxStreamModule finds the stream module nginx must load: "" when it
+// is built in, the module's path when it is a dynamic module (Debian's
+// libnginx-mod-stream), an error when nginx has none.
+func nginxStreamModule(bin string) (string, error) {
+	out, err := exec.Command(bin, "-V").CombinedOutput()
+	if err != nil {
+		return "", fmt.Errorf("%s -V: %w", bin, err)
+	}
+	modules, dynamic := "", false
+	for _, f := range strings.Fields(string(out)) {
+		switch {
+		case f == "--with-stream":
+			return "", nil
+		case f == "--with-stream=dynamic":
+			dynamic = true
+		case strings.HasPrefix(f, "--modules-path="):
+			modules = strings.TrimPrefix(f, "--modules-path=")
+		}
+	}
+	if !dynamic {
+		return "", errors.New("nginx is built without the stream module")
+	}
+	if modules == "" {
+		modules = "/usr/lib/nginx/modules"
+	}
+	path := filepath.Join(modules, "ngx_stream_module.so")
+	if _, err := os.Stat(path); err != nil {
+		return "", fmt.Errorf("nginx's stream module is not installed (Debian: libnginx-mod-stream): %w", err)
+	}
+	return path, nil
+}
+
 // freePort returns the first port from first that is free for TCP and UDP on
 // 127.0.0.1.
 func freePort(first int) (int, error) {
@@ -309,6 +439,7 @@ type child struct {
 	name       string
 	cmd        *exec.Cmd
 	stopSignal syscall.Signal
+	group      bool // the child leads a process group of its own, killed as one
 	out        *tail
 	done       chan struct{}
 	waitErr    error // valid once done is closed
@@ -361,7 +492,7 @@ func (c *child) stop() error {
 		select {
 		case <-c.done:
 		case <-time.After(stopTimeout):
-			_ = c.cmd.Process.Kill()
+			c.kill()
 			<-c.done
 			return fmt.Errorf("%s still running %s after %v: killed", c.name, stopTimeout, c.stopSignal)
 		}
@@ -384,8 +515,17 @@ func killChildren() {
 	childrenMu.Lock()
 	defer childrenMu.Unlock()
 	for c := range children {
-		_ = c.cmd.Process.Kill()
+		c.kill()
 	}
+}
+
+// kill ends the child at once, with its process group if it leads one.
+func (c *child) kill() {
+	if c.group {
+		_ = syscall.Kill(-c.cmd.Process.Pid, syscall.SIGKILL)
+		return
+	}
+	_ = c.cmd.Process.Kill()
 }
 
 // tail keeps the last max bytes written to it.
