@@ -3,6 +3,7 @@ package maglev
 import (
 	"errors"
 	"fmt"
+	"math"
 	"math/big"
 	"math/rand/v2"
 	"slices"
@@ -49,8 +50,20 @@ func TestSizesArePrime(t *testing.T) {
 			t.Errorf("sizes not increasing at %d: %d after %d", i, s, sizes[i-1])
 		}
 	}
-	if sizes[0] != DefaultSize {
-		t.Errorf("smallest size = %d, want DefaultSize %d", sizes[0], DefaultSize)
+	for i, s := range sizes {
+		// Each rung is the largest prime below 2^(13+i).
+		next := uint64(1) << (13 + i)
+		if s >= next {
+			t.Errorf("sizes[%d] = %d, want below %d", i, s, next)
+		}
+		for p := s + 1; p < next; p++ {
+			if isPrime(p) {
+				t.Errorf("sizes[%d] = %d, but %d is a larger prime below %d", i, s, p, next)
+			}
+		}
+	}
+	if last := sizes[len(sizes)-1]; last > MaxSize {
+		t.Errorf("largest size %d exceeds MaxSize %d", last, MaxSize)
 	}
 }
 
@@ -67,13 +80,23 @@ func TestAutoSize(t *testing.T) {
 		backends int
 		want     uint64
 	}{
-		{0, 65537},
-		{1, 65537},
-		{655, 65537},
-		{656, 131071},
+		{0, 8191},
+		{1, 8191},
+		{3, 8191},
+		{4, 16381},
+		{15, 16381},
+		{16, 32749},
+		{63, 32749},
+		{64, 65521},
+		{100, 65521},
+		{255, 65521},
+		{256, 131071},
 		{1000, 131071},
-		{1311, 262139},
-		{41943, 4194301},
+		{1023, 131071},
+		{1024, 262139},
+		{2621, 262139},
+		{2622, 524287},
+		{167772, 16777213},
 	} {
 		got, err := chooseSize(tc.backends, 0)
 		if err != nil || got != tc.want {
@@ -81,6 +104,9 @@ func TestAutoSize(t *testing.T) {
 		}
 		if got < 100*uint64(tc.backends) {
 			t.Errorf("%d backends: size %d, below 100 per backend", tc.backends, got)
+		}
+		if float64(got) < disruptionScale*math.Sqrt(float64(tc.backends)) {
+			t.Errorf("%d backends: size %d, below %d·sqrt(N)", tc.backends, got, disruptionScale)
 		}
 	}
 	for _, n := range []int{3, 1000} {
@@ -102,7 +128,7 @@ func TestBuildRejects(t *testing.T) {
 		{"one", 0, 1, ErrInvalidSize},
 		{"above MaxSize", 3, 16777259, ErrInvalidSize},
 		{"fewer slots than backends", 8, 7, ErrTooManyBackends},
-		{"auto beyond the size list", 41944, 0, ErrTooManyBackends},
+		{"auto beyond the size list", 167773, 0, ErrTooManyBackends},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			tbl, err := Build(backendKeys(tc.backends), tc.size)
@@ -213,20 +239,33 @@ func TestBuildDoesNotModifyInput(t *testing.T) {
 }
 
 // TestGoldenTable pins the table layout: a change here re-pins clients
-// between replicas of different versions.
+// between replicas of different versions. The 65537-slot case is the
+// layout from before tables were sized to their pool: the fill is unchanged,
+// only the size rule moved.
 func TestGoldenTable(t *testing.T) {
-	tbl := mustBuild(t, []string{"10.0.0.3:80", "10.0.0.1:80", "10.0.0.2:80"}, 0)
-	var h Hasher
-	for _, b := range entries(tbl) {
-		h.WriteUint8(uint8(b))
-	}
-	const want = 0x3b44a8e19a0dc724
-	if got := h.Sum64(); got != want {
-		t.Errorf("table digest = %#x, want %#x", got, uint64(want))
-	}
-	wantFirst := []int{2, 1, 2, 1, 0, 1, 1, 0, 0, 2, 2, 1}
-	if got := entries(tbl)[:len(wantFirst)]; !slices.Equal(got, wantFirst) {
-		t.Errorf("first slots = %v, want %v", got, wantFirst)
+	for _, tc := range []struct {
+		size, wantSize uint64
+		digest         uint64
+		first          []int
+	}{
+		{65537, 65537, 0x3b44a8e19a0dc724, []int{2, 1, 2, 1, 0, 1, 1, 0, 0, 2, 2, 1}},
+		{0, 8191, 0x7519fe70b0c85b61, []int{1, 2, 0, 2, 0, 1, 2, 1, 2, 0, 1, 2}},
+	} {
+		tbl := mustBuild(t, []string{"10.0.0.3:80", "10.0.0.1:80", "10.0.0.2:80"}, tc.size)
+		if tbl.Size() != tc.wantSize {
+			t.Errorf("Build(3 backends, %d).Size() = %d, want %d", tc.size, tbl.Size(), tc.wantSize)
+			continue
+		}
+		var h Hasher
+		for _, b := range entries(tbl) {
+			h.WriteUint8(uint8(b))
+		}
+		if got := h.Sum64(); got != tc.digest {
+			t.Errorf("size %d: table digest = %#x, want %#x", tc.size, got, tc.digest)
+		}
+		if got := entries(tbl)[:len(tc.first)]; !slices.Equal(got, tc.first) {
+			t.Errorf("size %d: first slots = %v, want %v", tc.size, got, tc.first)
+		}
 	}
 }
 
@@ -414,16 +453,3 @@ func BenchmarkAppendPreference3(b *testing.B) {
 		h += 0x9e3779b97f4a7c15
 	}
 }
-
-func benchmarkBuild(b *testing.B, n int) {
-	keys := backendKeys(n)
-	b.ReportAllocs()
-	for b.Loop() {
-		if _, err := Build(keys, 0); err != nil {
-			b.Fatal(err)
-		}
-	}
-}
-
-func BenchmarkBuild10(b *testing.B)   { benchmarkBuild(b, 10) }
-func BenchmarkBuild1000(b *testing.B) { benchmarkBuild(b, 1000) }
