@@ -116,7 +116,8 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	}, []string{"distance"})
 	m.bulkClients = [2]prometheus.Counter{bulkClients.WithLabelValues("near"), bulkClients.WithLabelValues("far")}
 	for _, c := range []prometheus.Collector{m.bytes, m.packets, m.syn, m.activeFlows, m.udpSessions,
-		m.dialFailures, m.dialRetries, m.refused, m.idleTimeouts, m.probeStatus, m.rebuilds, m.pinsRefused, m.headers, m.version, m.congestion, bulkClients} {
+		m.dialFailures, m.dialRetries, m.refused, m.idleTimeouts, m.probeStatus, m.rebuilds, m.pinsRefused, m.headers, m.version, m.congestion, bulkClients,
+		newTableCollector(&sharedTables)} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

@@ -82,7 +82,8 @@ func TestPinsSurvivePoolChanges(t *testing.T) {
 }
 
 // With sessionPersistenceTimeoutInMinutes 0 a client's backend is the
-// table's pick: adding a backend moves about one client in five.
+// table's pick: adding a backend moves about one client in five, to it, and
+// at most Maglev's own disruption (under 1%) elsewhere.
 func TestNoPinsIsMaglevOnly(t *testing.T) {
 	backends := startBackends(t, 5, 9041)
 	port := freePort(t)
@@ -92,14 +93,18 @@ func TestNoPinsIsMaglevOnly(t *testing.T) {
 	before := backendsOf(t, clients, port)
 	p.apply(t, rule("web", port, backends))
 	after := backendsOf(t, clients, port)
-	moved := 0
+	moved, elsewhere := 0, 0
 	for i := range before {
 		if after[i] != before[i] {
 			moved++
 			if after[i] != backends[4].Name {
-				t.Errorf("%s moved to %s, not to the new backend", clientIP(i), after[i])
+				elsewhere++
+				t.Logf("%s moved to %s, not to the new backend", clientIP(i), after[i])
 			}
 		}
+	}
+	if elsewhere > clients/100 {
+		t.Errorf("%d of %d clients moved between the old backends, want at most 1%%", elsewhere, clients)
 	}
 	if moved < clients/10 {
 		t.Errorf("only %d of %d clients moved to the new backend without pins", moved, clients)

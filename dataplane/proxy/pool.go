@@ -153,10 +153,11 @@ func (rs *ruleState) rebuild(status func(health.Target) (up, known bool), m *met
 	for i, b := range picks {
 		names[i] = b.name
 	}
-	table, err := maglev.Build(names, 0)
+	// Rules with the same pool share one table; see tableCache.
+	table, err := sharedTables.get(names, 0)
 	if err != nil {
 		// Only pools beyond maglev's size limit fail; serve none rather than a skewed table.
-		table, _ = maglev.Build(nil, 0)
+		table, _ = sharedTables.get(nil, 0)
 		picks = nil
 	}
 	// The table sorts its keys; index picks the same way.
