@@ -130,6 +130,13 @@ func (r *RuleReconciler) Reconcile(ctx context.Context, req reconcile.Request) (
 	}
 	r.recordTransitions(&rule, status)
 	orig := rule.DeepCopy()
+	// A merge patch leaves out every field whose value equals the one read,
+	// and a status never written reads as zero counts: a first status with
+	// a count of 0 (a rule refused for its port, whose endpoints are ready
+	// but none healthy) would reach the API server without it and be
+	// refused as incomplete. Counts no status can hold make the patch carry
+	// all three, every time.
+	orig.Status.Backends = lbv1alpha1.BackendCounts{Total: -1, Ready: -1, Healthy: -1}
 	rule.Status = status
 	if err := r.Client.Status().Patch(ctx, &rule, client.MergeFrom(orig)); err != nil {
 		return reconcile.Result{}, fmt.Errorf("patch status: %w", err)

@@ -72,6 +72,9 @@ func TestPortConflictOlderRuleWins(t *testing.T) {
 	ns := namespace(t)
 	ctx := context.Background()
 	port := freePort(t)
+	// Ready endpoints, none healthy for the refused rule: its first status
+	// has counts 2, 2 and 0, all of which must reach the API server.
+	backendService(t, ns, "svc", "10.1.0.1", "10.1.0.2")
 	older := newRule(ns, "zz-older", "a", port, "svc")
 	if err := k8s.Create(ctx, older); err != nil {
 		t.Fatal(err)
@@ -92,6 +95,9 @@ func TestPortConflictOlderRuleWins(t *testing.T) {
 	}
 	if len(r.Status.Frontend.Addresses) != 0 {
 		t.Errorf("a rule that is not accepted reports frontend addresses %v", r.Status.Frontend.Addresses)
+	}
+	if b := r.Status.Backends; b.Total != 2 || b.Ready != 2 || b.Healthy != 0 {
+		t.Errorf("the refused rule counts %+v, want 2 total, 2 ready, 0 healthy", b)
 	}
 	// The winner is unaffected; delete it and the other takes the port.
 	waitFor(t, ns, "zz-older", "still Accepted", hasCondition(lbv1alpha1.ConditionAccepted, T, lbv1alpha1.ReasonAccepted))
