@@ -26,6 +26,7 @@ import (
 
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -93,6 +94,7 @@ type managerOptions struct {
 	limits           proxy.Options
 	peer             peerOptions
 	debugAddr        string
+	pprofAddr        string
 	zap              zap.Options
 }
 
@@ -126,6 +128,8 @@ func parseManagerFlags(args []string) (*managerOptions, *flag.FlagSet, error) {
 		"on SIGTERM, how long to go on serving once no frontend lists this replica, so kube-proxy on every node has caught up (default 0 outside a cluster)")
 	fs.StringVar(&o.debugAddr, "debug-bind-address", "",
 		"loopback IP:PORT where this replica answers `kubectl stickylb where` (asked through kubectl exec); \"0\" turns it off (default "+defaultDebugAddress+", or port 8082 on a loopback --dataplane-bind-address)")
+	fs.StringVar(&o.pprofAddr, "pprof-bind-address", "0",
+		"address Go's /debug/pprof endpoints bind to, for profiling; \"0\" (the default) turns them off")
 	fs.DurationVar(&o.reportInterval, "report-interval", controllers.DefaultReportInterval,
 		"least time between two writes of this replica's report Lease (what its dataplane serves, which rule status speaks for); changes in between are coalesced")
 	bindLimitFlags(fs, &o.limits)
@@ -199,6 +203,10 @@ func runManager(args []string) int {
 			Namespaces: map[string]cache.Config{reportNS: {}},
 			Label:      labels.SelectorFromSet(labels.Set{controllers.LabelReport: "true"}),
 		},
+		// Every Service and EndpointSlice may be a rule's backend: of those
+		// the cache keeps only what translation reads (cachetrim.go).
+		&corev1.Service{}:            {Transform: trimService},
+		&discoveryv1.EndpointSlice{}: {Transform: trimEndpointSlice},
 	}}
 	if !local {
 		// Only our own pods: the dataplane replicas.
@@ -220,6 +228,7 @@ func runManager(args []string) int {
 		Cache:                   cacheOpts,
 		Metrics:                 metricsOpts,
 		HealthProbeBindAddress:  o.probeAddr,
+		PprofBindAddress:        o.pprofAddr,
 		LeaderElection:          o.leaderElect,
 		LeaderElectionID:        o.leaderElectionID,
 		LeaderElectionNamespace: leaderNS,

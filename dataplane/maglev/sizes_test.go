@@ -48,7 +48,7 @@ func tableBytes(n int, m uint64) uint64 {
 // the largest pool of every rung up to 1000 (where slots per backend are
 // fewest), and a stride through the rest.
 func poolSizes(short bool) []int {
-	stride, dense := 13, 64
+	stride, dense := 23, 64
 	if short {
 		stride, dense = 97, 24
 	}
@@ -186,21 +186,31 @@ func TestDisruptionAcrossPoolSizes(t *testing.T) {
 		100*worstMean, worstMeanN, 100*worstOne, worstOneN)
 }
 
-// TestSizeReport prints, for some pool sizes, the slots, bytes, balance and
-// disruption of the old rule and the new one, and the share of clients that
+// TestSizeReport prints, for some pool sizes, the slots, bytes, balance (most
+// slots over M/N) and disruption of the old rule and the new one, the
+// disruption of tables of exactly 100 slots per backend, and the share of clients that
 // a change crossing a rung of the ladder moves. It checks nothing the tests
-// above do not; it is skipped under -short.
+// above do not, so it runs only with -v and without -short.
 func TestSizeReport(t *testing.T) {
-	if testing.Short() {
-		t.Skip("report only")
+	if testing.Short() || !testing.Verbose() {
+		t.Skip("report only: run with -v")
 	}
 	hashes := randomHashes(50000)
-	t.Logf("%5s | %8s %8s | %9s %9s | %7s %7s | %-15s %-15s",
-		"N", "old M", "new M", "old B", "new B", "old bal", "new bal", "old disr mean/max", "new disr mean/max")
+	// hundredN is the prime nearest above 100·N, held fixed while the pool
+	// changes by one (as if the size did not move with N): the best case of
+	// sizing tables at exactly 100 slots per backend.
+	var hundredN func(int) uint64
+	t.Logf("%5s | %8s %8s | %9s %9s | %7s %7s | %-17s %-17s %-17s",
+		"N", "old M", "new M", "old B", "new B", "old bal", "new bal", "old disr mean/max", "new disr mean/max", "100N disr mean/max")
 	for _, n := range []int{1, 2, 3, 5, 10, 21, 50, 87, 100, 200, 350, 500, 655, 1000} {
+		m := uint64(100 * n)
+		for !isPrime(m) {
+			m++
+		}
+		hundredN = func(int) uint64 { return m }
 		rng := rand.New(rand.NewPCG(11, uint64(n)))
-		var row [2][3]float64 // bal, mean, worst per rule
-		for i, size := range []func(int) uint64{oldChooseSize, newSize} {
+		var row [3][3]float64 // bal, mean, worst per rule
+		for i, size := range []func(int) uint64{oldChooseSize, newSize, hundredN} {
 			_, bal := slotBalance(mustBuild(t, backendKeys(n), size(n)))
 			var sum, worst float64
 			const sets = 4
@@ -212,9 +222,9 @@ func TestSizeReport(t *testing.T) {
 			}
 			row[i] = [3]float64{bal, sum / sets, worst}
 		}
-		t.Logf("%5d | %8d %8d | %9d %9d | %7.4f %7.4f | %5.2f%% / %5.2f%%  %5.2f%% / %5.2f%%",
+		t.Logf("%5d | %8d %8d | %9d %9d | %7.4f %7.4f | %5.2f%% / %5.2f%%   %5.2f%% / %5.2f%%   %5.2f%% / %5.2f%%",
 			n, oldChooseSize(n), newSize(n), tableBytes(n, oldChooseSize(n)), tableBytes(n, newSize(n)),
-			row[0][0], row[1][0], 100*row[0][1], 100*row[0][2], 100*row[1][1], 100*row[1][2])
+			row[0][0], row[1][0], 100*row[0][1], 100*row[0][2], 100*row[1][1], 100*row[1][2], 100*row[2][1], 100*row[2][2])
 	}
 	// Crossing a rung: every client is re-hashed onto an unrelated table.
 	for n := 1; n < 1000; n++ {
