@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"net/url"
 	"os"
@@ -116,6 +117,10 @@ func benchScale(b *testing.B, s size) {
 	after := p.measure(b)
 	time.Sleep(5 * time.Second)
 	settled := p.measure(b)
+
+	if *profFlag != "" {
+		p.heapProfile(b, filepath.Join(*profFlag, s.String()+"-heap.pb.gz"))
+	}
 
 	lat := timeChanges(b, p, ns, name, slicesByRule, s.rules)
 
@@ -374,6 +379,7 @@ type process struct {
 	metrics string
 	health  string
 	debug   string
+	pprof   string
 	logPath string
 	exited  chan struct{}
 	http    *http.Client
@@ -382,9 +388,12 @@ type process struct {
 // startStickylb runs the binary as the manager and dataplane of a local
 // install (no POD_NAMESPACE), serving on 127.0.0.1; its log goes to a file.
 func startStickylb(b *testing.B) *process {
-	p := &process{metrics: testenv.FreeAddr(b), health: testenv.FreeAddr(b), debug: testenv.FreeAddr(b),
+	p := &process{metrics: testenv.FreeAddr(b), health: testenv.FreeAddr(b), debug: testenv.FreeAddr(b), pprof: "0",
 		logPath: filepath.Join(workDir, "stickylb-"+strings.ReplaceAll(b.Name(), "/", "_")+".log"),
 		exited:  make(chan struct{}), http: &http.Client{Timeout: 30 * time.Second}}
+	if *profFlag != "" {
+		p.pprof = testenv.FreeAddr(b)
+	}
 	logf, err := os.Create(p.logPath)
 	if err != nil {
 		b.Fatal(err)
@@ -395,6 +404,7 @@ func startStickylb(b *testing.B) *process {
 		"--metrics-bind-address", p.metrics,
 		"--health-probe-bind-address", p.health,
 		"--debug-bind-address", p.debug,
+		"--pprof-bind-address", p.pprof,
 		"--leader-elect", "--leader-election-namespace", "default",
 		"--drain-timeout", "2s")
 	p.cmd.Env = slices.DeleteFunc(os.Environ(), func(kv string) bool {
@@ -444,6 +454,26 @@ func (p *process) tail(n int) string {
 	raw, _ := os.ReadFile(p.logPath)
 	lines := strings.Split(strings.TrimRight(string(raw), "\n"), "\n")
 	return strings.Join(lines[max(0, len(lines)-n):], "\n")
+}
+
+// heapProfile writes the process's heap profile to path.
+func (p *process) heapProfile(b *testing.B, path string) {
+	resp, err := p.http.Get("http://" + p.pprof + "/debug/pprof/heap?gc=1")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer resp.Body.Close()
+	raw, err := io.ReadAll(resp.Body)
+	if err == nil && resp.StatusCode != http.StatusOK {
+		err = fmt.Errorf("%s: %s", resp.Status, raw)
+	}
+	if err == nil {
+		err = os.WriteFile(path, raw, 0o644)
+	}
+	if err != nil {
+		b.Fatalf("heap profile: %v", err)
+	}
+	b.Logf("heap profile: %s", path)
 }
 
 // where asks the process's where endpoint for the client's first backend.

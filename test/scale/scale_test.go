@@ -26,12 +26,14 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/go-logr/logr"
 	"k8s.io/apimachinery/pkg/runtime"
 	utilruntime "k8s.io/apimachinery/pkg/util/runtime"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
+	ctrllog "sigs.k8s.io/controller-runtime/pkg/log"
 
 	lbv1alpha1 "github.com/stickylb/stickylb/api/v1alpha1"
 	"github.com/stickylb/stickylb/internal/netns"
@@ -41,6 +43,7 @@ import (
 var (
 	sizesFlag = flag.String("scale", "1000x100", "comma-separated RULESxENDPOINTS cases, each a sub-benchmark of BenchmarkScale")
 	binFlag   = flag.String("stickylb", "", "the stickylb binary to measure (default: built from this module with CGO_ENABLED=0)")
+	profFlag  = flag.String("heapprofile", "", "directory to write stickylb's heap profile into, once every rule is Ready (CASE-heap.pb.gz; go tool pprof -sample_index=inuse_space)")
 )
 
 var (
@@ -66,6 +69,9 @@ func TestMain(m *testing.M) {
 }
 
 func run(m *testing.M) int {
+	// The benchmark's own rule cache logs nothing (and so no warning that
+	// no logger was set).
+	ctrllog.SetLogger(logr.Discard())
 	utilruntime.Must(clientgoscheme.AddToScheme(scheme))
 	utilruntime.Must(lbv1alpha1.AddToScheme(scheme))
 	if os.Getenv("KUBEBUILDER_ASSETS") == "" {
