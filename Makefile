@@ -95,6 +95,10 @@ demo-tools: ## Build once (or find in the cache) only the tools make demo and ma
 bench: ## Dataplane benchmark: stickylb proxy vs direct vs HAProxy, then the Go microbenchmarks, the controller benchmarks and the issue's targets.
 	hack/bench.sh
 
+.PHONY: bench-scale
+bench-scale: ## Scale benchmark at 10,000 rules x 100 endpoints: the real binary against a real API server (needs root; see README's Performance for how long).
+	hack/bench-scale.sh 10000x100
+
 .PHONY: assets
 assets: ## Build (or find in the cache) the test binaries and print KUBEBUILDER_ASSETS.
 	@echo "$(ASSETS)"

@@ -19,7 +19,10 @@
 #      per pinned client, BenchmarkPinMemory's B/pin, and what pins add to
 #      a new flow's backend choice, BenchmarkChooseNewFlow);
 #   5. runs the controller benchmarks of ./controllers/ (envtest: a real
-#      kube-apiserver and etcd, the manager in-process; needs root);
+#      kube-apiserver and etcd, the manager in-process; needs root), and
+#      the scale benchmark at 1,000 rules x 100 and x 10 endpoints
+#      (hack/bench-scale.sh: the real binary against a real API server;
+#      make bench-scale runs 10,000 x 100);
 #   6. prints the targets as PASS/FAIL/SKIP (pins on vs off: short
 #      connections/s at least 0.95x, under 100 B per pinned client; PROXY
 #      v2: short connections/s of stickylb V2 at least HAProxy
@@ -100,6 +103,10 @@ if [ -n "${assets:-}" ]; then
 		tee "$tmp/replicas.txt" || echo "bench: the per-replica status benchmark failed"
 fi
 
+step "scale benchmark: hack/bench-scale.sh 1000x100,1000x10 (the real binary, a real API server; make bench-scale runs 10000x100)"
+SCALE_OUT="$tmp/scale.txt" SCALE_NO_VERDICT=1 hack/bench-scale.sh 1000x100,1000x10 ||
+	echo "bench: the scale benchmark failed"
+
 # metric BENCHMARK UNIT: the value a benchmark reported in UNIT, if any.
 metric() {
 	[ -s "$tmp/controllers.txt" ] || return 0
@@ -138,6 +145,12 @@ elif below "$ready" 60 && below "$rss" 300; then
 	verdict PASS "all Ready in $ready s, RSS $rss MiB (Go heap $heap MiB)"
 else
 	verdict FAIL "all Ready in $ready s, RSS $rss MiB (Go heap $heap MiB)"
+fi
+
+if [ -s "$tmp/scale.txt" ]; then
+	hack/bench-scale.sh --verdict "$tmp/scale.txt"
+else
+	target="scale benchmark" verdict SKIP "no BenchmarkScale result"
 fi
 
 echo
