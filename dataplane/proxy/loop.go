@@ -49,8 +49,9 @@ type loop struct {
 	copiers  int
 	offloads int // directions handed to copiers so far
 
-	scratch []byte  // the read buffer every flow of the loop borrows
-	pipes   []*pipe // free splice pipes
+	scratch []byte   // the read buffer every flow of the loop borrows
+	udp     *udpLoop // UDP batches and the replies waiting to leave; nil until a UDP listener uses the loop
+	pipes   []*pipe  // free splice pipes
 	events  []unix.EpollEvent
 	stopped bool
 	done    chan struct{} // closed when the loop has ended
@@ -199,6 +200,9 @@ func (l *loop) run() {
 			}
 			s.h.event(l, fd, ev.Events)
 		}
+		if l.udp != nil && l.udp.outN > 0 {
+			l.udp.flush() // the UDP replies read from every ready session leave together
+		}
 		if n == len(l.events) && len(l.events) < 4096 {
 			l.events = make([]unix.EpollEvent, 2*len(l.events))
 		}
@@ -213,6 +217,9 @@ func (l *loop) run() {
 	}
 	_ = unix.Close(l.wake)
 	_ = unix.Close(l.epfd)
+	if l.udp != nil {
+		l.udp.free()
+	}
 	for _, pp := range l.pipes {
 		pp.close()
 	}

@@ -625,6 +625,11 @@ func udpFirstEcho(c *net.UDPConn) error {
 		if _, err = c.Read(buf); err == nil {
 			return nil
 		}
+		if errors.Is(err, syscall.ECONNREFUSED) {
+			// Nothing listens yet: a proxy serving TCP and UDP on the port
+			// may have opened its TCP side first.
+			time.Sleep(50 * time.Millisecond)
+		}
 	}
 	return fmt.Errorf("no echo after 10 tries: %w", err)
 }
