@@ -168,6 +168,7 @@ func runManager(args []string) int {
 	}
 	ctrl.SetLogger(zap.New(zap.UseFlagOptions(&o.zap)))
 	log := ctrl.Log.WithName("setup")
+	applyMemoryLimit(log)
 
 	cfg, err := ctrl.GetConfig()
 	if err != nil {
