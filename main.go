@@ -317,7 +317,7 @@ func runManager(args []string) int {
 			log.Error(fmt.Errorf("%q: want a loopback IP:PORT", debug), "--debug-bind-address")
 			return 1
 		}
-		if err := mgr.Add(&whereServer{addr: debug, replica: replica, where: p.Where, log: ctrl.Log.WithName("where")}); err != nil {
+		if err := mgr.Add(&whereServer{addr: debug, replica: replica, proxy: p, log: ctrl.Log.WithName("where")}); err != nil {
 			log.Error(err, "set up the where endpoint")
 			return 1
 		}

@@ -31,13 +31,15 @@ import (
 // installed (or linked) as kubectl-stickylb answers `kubectl stickylb`.
 const pluginName = "kubectl-stickylb"
 
-const pluginUsage = `kubectl stickylb: where a client goes, on every replica.
+const pluginUsage = `kubectl stickylb: where a client goes, and how each rule is served, on every replica.
 
   kubectl stickylb where RULE CLIENT_IP [--protocol tcp|udp] [-n NAMESPACE] [-o text|json]
+  kubectl stickylb status [RULE | -A] [-n NAMESPACE] [-o text|json]
 
-The answer comes from each stickylb replica itself (through kubectl exec), so
-it is what the dataplane does: pins, probe-down backends and terminating
-endpoints included. Needs pods/exec on the stickylb pods.
+The answers come from each stickylb replica itself (through kubectl exec), so
+they are what the dataplane does: pins, probe-down backends and terminating
+endpoints included. Needs pods/exec on the stickylb pods, and reading the
+rules, EndpointSlices and the replicas' report Leases.
 `
 
 // runPlugin is `kubectl stickylb ...`.
@@ -49,18 +51,11 @@ func runPlugin(args []string, stdout, stderr io.Writer) int {
 	switch args[0] {
 	case "where":
 		return pluginWhere(args[1:], stdout, stderr)
+	case "status":
+		return pluginStatus(args[1:], stdout, stderr)
 	}
 	fmt.Fprintf(stderr, "kubectl stickylb: unknown command %q\n\n%s", args[0], pluginUsage)
 	return 2
-}
-
-// whereOptions are the flags of `kubectl stickylb where`.
-type whereOptions struct {
-	namespace, protocol, output string
-	replicas                    string
-	stickylbNS, selector        string
-	kubeconfig, context         string
-	timeout                     time.Duration
 }
 
 // parseInterspersed parses flags wherever they are among the arguments, as
@@ -77,6 +72,69 @@ func parseInterspersed(fs *flag.FlagSet, args []string) ([]string, error) {
 		positional = append(positional, fs.Arg(0))
 		args = fs.Args()[1:]
 	}
+}
+
+// pluginOptions are the flags every subcommand takes.
+type pluginOptions struct {
+	namespace, output    string
+	replicas             string
+	stickylbNS, selector string
+	kubeconfig, context  string
+	timeout              time.Duration
+}
+
+// bindPluginFlags declares the common flags on fs.
+func bindPluginFlags(fs *flag.FlagSet, o *pluginOptions) {
+	for _, name := range []string{"namespace", "n"} {
+		fs.StringVar(&o.namespace, name, "", "namespace of the rule (default: the kubeconfig context's)")
+	}
+	for _, name := range []string{"output", "o"} {
+		fs.StringVar(&o.output, name, "text", "text or json")
+	}
+	fs.StringVar(&o.replicas, "replicas", "", "HOST:PORT,... of the replicas' debug endpoints, to ask them directly (outside a cluster); default: kubectl exec into each stickylb pod")
+	fs.StringVar(&o.stickylbNS, "stickylb-namespace", "stickylb-system", "namespace of the stickylb pods (and of their report Leases)")
+	fs.StringVar(&o.selector, "selector", "app.kubernetes.io/name=stickylb", "labels of the stickylb pods")
+	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig file (default: $KUBECONFIG, ~/.kube/config)")
+	fs.StringVar(&o.context, "context", "", "kubeconfig context")
+	fs.DurationVar(&o.timeout, "request-timeout", 30*time.Second, "give up after this long")
+}
+
+// check validates the common flags.
+func (o *pluginOptions) check(cmd string, stderr io.Writer) bool {
+	if o.output != "text" && o.output != "json" {
+		fmt.Fprintf(stderr, "kubectl stickylb %s: --output %q: want text or json\n", cmd, o.output)
+		return false
+	}
+	return true
+}
+
+// connect loads the kubeconfig: the client, its rest config and the
+// namespace rules are looked up in.
+func (o *pluginOptions) connect() (client.Client, *rest.Config, string, error) {
+	loader := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(
+		&clientcmd.ClientConfigLoadingRules{ExplicitPath: o.kubeconfig, Precedence: clientcmd.NewDefaultClientConfigLoadingRules().Precedence},
+		&clientcmd.ConfigOverrides{CurrentContext: o.context})
+	cfg, err := loader.ClientConfig()
+	if err != nil {
+		return nil, nil, "", err
+	}
+	ns := o.namespace
+	if ns == "" {
+		if ns, _, err = loader.Namespace(); err != nil {
+			return nil, nil, "", err
+		}
+	}
+	c, err := client.New(cfg, client.Options{Scheme: newScheme()})
+	if err != nil {
+		return nil, nil, "", err
+	}
+	return c, cfg, ns, nil
+}
+
+// whereOptions are the flags of `kubectl stickylb where`.
+type whereOptions struct {
+	pluginOptions
+	protocol string
 }
 
 // whereResult is the plugin's answer (its --output json).
@@ -109,19 +167,8 @@ func pluginWhere(args []string, stdout, stderr io.Writer) int {
 	var o whereOptions
 	fs := flag.NewFlagSet("kubectl stickylb where", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	for _, name := range []string{"namespace", "n"} {
-		fs.StringVar(&o.namespace, name, "", "namespace of the rule (default: the kubeconfig context's)")
-	}
-	for _, name := range []string{"output", "o"} {
-		fs.StringVar(&o.output, name, "text", "text or json")
-	}
+	bindPluginFlags(fs, &o.pluginOptions)
 	fs.StringVar(&o.protocol, "protocol", "tcp", "tcp or udp")
-	fs.StringVar(&o.replicas, "replicas", "", "HOST:PORT,... of the replicas' where endpoints, to ask them directly (outside a cluster); default: kubectl exec into each stickylb pod")
-	fs.StringVar(&o.stickylbNS, "stickylb-namespace", "stickylb-system", "namespace of the stickylb pods")
-	fs.StringVar(&o.selector, "selector", "app.kubernetes.io/name=stickylb", "labels of the stickylb pods")
-	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig file (default: $KUBECONFIG, ~/.kube/config)")
-	fs.StringVar(&o.context, "context", "", "kubeconfig context")
-	fs.DurationVar(&o.timeout, "request-timeout", 30*time.Second, "give up after this long")
 	pos, err := parseInterspersed(fs, args)
 	if err != nil {
 		return 2
@@ -130,8 +177,7 @@ func pluginWhere(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "kubectl stickylb where: want RULE CLIENT_IP, got %q\n", pos)
 		return 2
 	}
-	if o.output != "text" && o.output != "json" {
-		fmt.Fprintf(stderr, "kubectl stickylb where: --output %q: want text or json\n", o.output)
+	if !o.pluginOptions.check("where", stderr) {
 		return 2
 	}
 	client, err := netip.ParseAddr(pos[1])
@@ -160,20 +206,7 @@ func pluginWhere(args []string, stdout, stderr io.Writer) int {
 }
 
 func where(ctx context.Context, o whereOptions, name string, ip netip.Addr) (*whereResult, error) {
-	loader := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(
-		&clientcmd.ClientConfigLoadingRules{ExplicitPath: o.kubeconfig, Precedence: clientcmd.NewDefaultClientConfigLoadingRules().Precedence},
-		&clientcmd.ConfigOverrides{CurrentContext: o.context})
-	cfg, err := loader.ClientConfig()
-	if err != nil {
-		return nil, err
-	}
-	ns := o.namespace
-	if ns == "" {
-		if ns, _, err = loader.Namespace(); err != nil {
-			return nil, err
-		}
-	}
-	c, err := client.New(cfg, client.Options{Scheme: newScheme()})
+	c, cfg, ns, err := o.connect()
 	if err != nil {
 		return nil, err
 	}
@@ -187,8 +220,21 @@ func where(ctx context.Context, o whereOptions, name string, ip netip.Addr) (*wh
 		for _, addr := range strings.Split(o.replicas, ",") {
 			answers = append(answers, askReplica(ctx, strings.TrimSpace(addr), key, ip, o.protocol))
 		}
-	} else if answers, err = execReplicas(ctx, cfg, o, key, ip); err != nil {
-		return nil, err
+	} else {
+		outs, err := execReplicas(ctx, cfg, o.pluginOptions, "--rule", key, "--client", ip.String(), "--protocol", o.protocol)
+		if err != nil {
+			return nil, err
+		}
+		for _, out := range outs {
+			var a replicaAnswer
+			if err := out.decode(&a); err != nil {
+				a = replicaAnswer{Error: err.Error()}
+			}
+			if a.Replica != out.pod {
+				a.Replica = out.pod + " (" + out.podIP + ")"
+			}
+			answers = append(answers, a)
+		}
 	}
 	if len(answers) == 0 {
 		return nil, fmt.Errorf("no stickylb replica found (pods %q in %s)", o.selector, o.stickylbNS)
@@ -229,8 +275,23 @@ func where(ctx context.Context, o whereOptions, name string, ip netip.Addr) (*wh
 	return res, nil
 }
 
-// execReplicas runs `stickylb where-local` in every running stickylb pod.
-func execReplicas(ctx context.Context, cfg *rest.Config, o whereOptions, rule string, ip netip.Addr) ([]replicaAnswer, error) {
+// execOutput is what `stickylb where-local` printed in one pod.
+type execOutput struct {
+	pod, podIP     string
+	stdout, stderr bytes.Buffer
+	err            error
+}
+
+// decode reads the JSON answer, or explains why there is none.
+func (e *execOutput) decode(v any) error {
+	if err := json.Unmarshal(e.stdout.Bytes(), v); err != nil {
+		return errors.New(strings.TrimSpace(fmt.Sprint(errors.Join(e.err, errors.New(e.stderr.String())))))
+	}
+	return nil
+}
+
+// execReplicas runs `stickylb where-local ARGS` in every running stickylb pod.
+func execReplicas(ctx context.Context, cfg *rest.Config, o pluginOptions, args ...string) ([]*execOutput, error) {
 	cs, err := kubernetes.NewForConfig(cfg)
 	if err != nil {
 		return nil, err
@@ -239,7 +300,7 @@ func execReplicas(ctx context.Context, cfg *rest.Config, o whereOptions, rule st
 	if err != nil {
 		return nil, err
 	}
-	var out []replicaAnswer
+	var out []*execOutput
 	for _, pod := range pods.Items {
 		if pod.Status.Phase != corev1.PodRunning || pod.DeletionTimestamp != nil {
 			continue
@@ -247,23 +308,16 @@ func execReplicas(ctx context.Context, cfg *rest.Config, o whereOptions, rule st
 		req := cs.CoreV1().RESTClient().Post().Resource("pods").Namespace(pod.Namespace).Name(pod.Name).SubResource("exec").
 			VersionedParams(&corev1.PodExecOptions{
 				Container: "manager",
-				Command:   []string{"/stickylb", "where-local", "--rule", rule, "--client", ip.String(), "--protocol", o.protocol},
+				Command:   append([]string{"/stickylb", "where-local"}, args...),
 				Stdout:    true, Stderr: true,
 			}, scheme.ParameterCodec)
 		exec, err := remotecommand.NewSPDYExecutor(cfg, "POST", req.URL())
 		if err != nil {
 			return nil, err
 		}
-		var stdout, stderr bytes.Buffer
-		runErr := exec.StreamWithContext(ctx, remotecommand.StreamOptions{Stdout: &stdout, Stderr: &stderr})
-		var a replicaAnswer
-		if err := json.Unmarshal(stdout.Bytes(), &a); err != nil {
-			a = replicaAnswer{Error: strings.TrimSpace(fmt.Sprint(errors.Join(runErr, errors.New(stderr.String()))))}
-		}
-		if a.Replica == "" || a.Replica != pod.Name {
-			a.Replica = pod.Name + " (" + pod.Status.PodIP + ")"
-		}
-		out = append(out, a)
+		e := &execOutput{pod: pod.Name, podIP: pod.Status.PodIP}
+		e.err = exec.StreamWithContext(ctx, remotecommand.StreamOptions{Stdout: &e.stdout, Stderr: &e.stderr})
+		out = append(out, e)
 	}
 	return out, nil
 }
@@ -271,32 +325,56 @@ func execReplicas(ctx context.Context, cfg *rest.Config, o whereOptions, rule st
 // backendRefs maps the rule's backend addresses to their pods and nodes.
 func backendRefs(ctx context.Context, c client.Client, rule *lbv1alpha1.LoadBalancerRule) map[string]backendRef {
 	out := map[string]backendRef{}
+	eps, _ := sliceEndpoints(ctx, c, rule)
+	for addr, e := range eps {
+		out[addr] = e.backendRef
+	}
+	return out
+}
+
+// sliceEndpoint is a backend as the EndpointSlices of the rule's Service
+// show it.
+type sliceEndpoint struct {
+	backendRef
+	Ready, Serving, Terminating bool
+}
+
+// sliceEndpoints reads the endpoints of the rule's Service by backend
+// address (none for a pool of addresses).
+func sliceEndpoints(ctx context.Context, c client.Client, rule *lbv1alpha1.LoadBalancerRule) (map[string]sliceEndpoint, error) {
+	out := map[string]sliceEndpoint{}
 	svc := rule.Spec.BackendPool.ServiceName
 	if svc == "" {
-		return out
+		return out, nil
 	}
 	var slices discoveryv1.EndpointSliceList
 	if err := c.List(ctx, &slices, client.InNamespace(rule.Namespace), client.MatchingLabels{discoveryv1.LabelServiceName: svc}); err != nil {
-		return out
+		return out, err
 	}
 	port := rule.Spec.BackendPort
 	for _, s := range slices.Items {
 		for _, e := range s.Endpoints {
-			ref := backendRef{}
+			var se sliceEndpoint
 			if e.TargetRef != nil && e.TargetRef.Kind == "Pod" {
-				ref.Pod = e.TargetRef.Name
+				se.Pod = e.TargetRef.Name
 			}
 			if e.NodeName != nil {
-				ref.Node = *e.NodeName
+				se.Node = *e.NodeName
 			}
+			// Unset conditions mean ready and serving, as the API documents.
+			se.Ready = e.Conditions.Ready == nil || *e.Conditions.Ready
+			se.Serving = e.Conditions.Serving == nil || *e.Conditions.Serving
+			se.Terminating = e.Conditions.Terminating != nil && *e.Conditions.Terminating
 			for _, a := range e.Addresses {
 				if ip, err := netip.ParseAddr(a); err == nil {
-					out[netip.AddrPortFrom(ip, uint16(port)).String()] = ref
+					addr := netip.AddrPortFrom(ip, uint16(port)).String()
+					se.Address = addr
+					out[addr] = se
 				}
 			}
 		}
 	}
-	return out
+	return out, nil
 }
 
 func (b backendRef) String() string {

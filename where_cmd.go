@@ -21,6 +21,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"net/url"
 	"os"
 	"strings"
 	"time"
@@ -56,12 +57,26 @@ type replicaAnswer struct {
 	Error string `json:"error,omitempty"`
 }
 
-// whereServer serves GET /where?rule=NS/NAME&client=IP&protocol=tcp|udp.
+// replicaStatus is one replica's view of some rules (GET /status).
+type replicaStatus struct {
+	Replica string `json:"replica"`
+	// Snapshot is the configuration version the replica serves.
+	Snapshot uint64           `json:"snapshot"`
+	Rules    []proxy.RuleView `json:"rules"`
+	// Missing maps the rules asked for that the replica does not serve to why.
+	Missing map[string]string `json:"missing,omitempty"`
+	Error   string            `json:"error,omitempty"`
+}
+
+// whereServer serves, on loopback:
+//
+//	GET /where?rule=NS/NAME&client=IP&protocol=tcp|udp
+//	GET /status?rule=NS/NAME[&rule=...]   (every rule served when none is named)
 type whereServer struct {
 	addr    string
 	replica string
 	log     logr.Logger
-	where   func(rule string, client netip.Addr, proto snapshot.Protocol) (proxy.Answer, error)
+	proxy   *proxy.Proxy
 }
 
 func (s *whereServer) NeedLeaderElection() bool { return false }
@@ -75,7 +90,10 @@ func (s *whereServer) Start(ctx context.Context) error {
 		<-ctx.Done()
 		return nil
 	}
-	srv := &http.Server{Handler: http.HandlerFunc(s.serveWhere), ReadHeaderTimeout: 5 * time.Second}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /where", s.serveWhere)
+	mux.HandleFunc("GET /status", s.serveStatus)
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	go func() {
 		<-ctx.Done()
 		_ = srv.Close()
@@ -91,11 +109,8 @@ func (s *whereServer) serveWhere(w http.ResponseWriter, r *http.Request) {
 	out := replicaAnswer{Replica: s.replica}
 	status := http.StatusOK
 	rule, client, proto, err := whereQuery(r.URL.Query().Get("rule"), r.URL.Query().Get("client"), r.URL.Query().Get("protocol"))
-	if r.URL.Path != "/where" {
-		status, err = http.StatusNotFound, errors.New("only /where is served")
-	}
 	if err == nil {
-		if out.Answer, err = s.where(rule, client, proto); err != nil {
+		if out.Answer, err = s.proxy.Where(rule, client, proto); err != nil {
 			status = http.StatusNotFound
 		}
 	} else if status == http.StatusOK {
@@ -105,6 +120,27 @@ func (s *whereServer) serveWhere(w http.ResponseWriter, r *http.Request) {
 		out.Error = err.Error()
 	}
 	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(out)
+}
+
+func (s *whereServer) serveStatus(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Content-Type", "application/json")
+	out := replicaStatus{Replica: s.replica, Snapshot: s.proxy.Version(), Rules: []proxy.RuleView{}}
+	names := r.URL.Query()["rule"]
+	if len(names) == 0 {
+		names = s.proxy.Rules()
+	}
+	for _, name := range names {
+		v, err := s.proxy.View(name)
+		if err != nil {
+			if out.Missing == nil {
+				out.Missing = map[string]string{}
+			}
+			out.Missing[name] = err.Error()
+			continue
+		}
+		out.Rules = append(out.Rules, v)
+	}
 	_ = json.NewEncoder(w).Encode(out)
 }
 
@@ -128,32 +164,68 @@ func whereQuery(rule, client, protocol string) (string, netip.Addr, snapshot.Pro
 
 // askReplica asks the where endpoint at addr.
 func askReplica(ctx context.Context, addr, rule string, client netip.Addr, protocol string) replicaAnswer {
-	u := fmt.Sprintf("http://%s/where?rule=%s&client=%s&protocol=%s", addr, rule, client, protocol)
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
-	if err != nil {
-		return replicaAnswer{Replica: addr, Error: err.Error()}
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return replicaAnswer{Replica: addr, Error: err.Error()}
-	}
-	defer resp.Body.Close()
+	q := url.Values{"rule": {rule}, "client": {client.String()}, "protocol": {protocol}}
 	var a replicaAnswer
-	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&a); err != nil {
-		return replicaAnswer{Replica: addr, Error: fmt.Sprintf("HTTP %d: %v", resp.StatusCode, err)}
+	if err := getJSON(ctx, addr, "/where", q, &a); err != nil {
+		return replicaAnswer{Replica: addr, Error: err.Error()}
 	}
 	return a
 }
 
+// askStatus asks the status endpoint at addr about rules (all when none).
+func askStatus(ctx context.Context, addr string, rules []string) replicaStatus {
+	var st replicaStatus
+	if err := getJSON(ctx, addr, "/status", url.Values{"rule": rules}, &st); err != nil {
+		return replicaStatus{Replica: addr, Error: err.Error()}
+	}
+	return st
+}
+
+// getJSON decodes what a replica's debug endpoint answers at path.
+func getJSON(ctx context.Context, addr, path string, q url.Values, out any) error {
+	u := url.URL{Scheme: "http", Host: addr, Path: path, RawQuery: q.Encode()}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
+	if err != nil {
+		return err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 64<<20)).Decode(out); err != nil {
+		return fmt.Errorf("HTTP %d: %w", resp.StatusCode, err)
+	}
+	return nil
+}
+
 // runWhereLocal is `stickylb where-local`: what `kubectl stickylb where`
-// runs in each replica's container, asking the manager beside it.
+// runs in each replica's container, asking the manager beside it. With
+// --status it asks for the rules' status instead (`kubectl stickylb
+// status`), --rule repeated or left out for every rule.
 func runWhereLocal(args []string) int {
 	fs := flag.NewFlagSet("stickylb where-local", flag.ContinueOnError)
 	addr := fs.String("debug-address", defaultDebugAddress, "the manager's --debug-bind-address")
-	rule := fs.String("rule", "", "NAMESPACE/NAME of the rule")
+	var rules stringList
+	fs.Var(&rules, "rule", "NAMESPACE/NAME of the rule (with --status: repeatable, none for every rule)")
 	client := fs.String("client", "", "the client's IP address")
 	protocol := fs.String("protocol", "tcp", "tcp or udp")
+	status := fs.Bool("status", false, "print the rules' status on this replica instead")
 	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if *status {
+		st := askStatus(ctx, *addr, rules)
+		_ = json.NewEncoder(os.Stdout).Encode(st)
+		if st.Error != "" {
+			return 1
+		}
+		return 0
+	}
+	if len(rules) != 1 {
+		fmt.Fprintln(os.Stderr, "--rule: want one NAMESPACE/NAME")
 		return 2
 	}
 	ip, err := netip.ParseAddr(*client)
@@ -161,12 +233,16 @@ func runWhereLocal(args []string) int {
 		fmt.Fprintf(os.Stderr, "--client %q: not an IP address\n", *client)
 		return 2
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	a := askReplica(ctx, *addr, *rule, ip, *protocol)
+	a := askReplica(ctx, *addr, rules[0], ip, *protocol)
 	_ = json.NewEncoder(os.Stdout).Encode(a)
 	if a.Error != "" {
 		return 1
 	}
 	return 0
 }
+
+// stringList is a repeatable string flag.
+type stringList []string
+
+func (l *stringList) String() string     { return strings.Join(*l, ",") }
+func (l *stringList) Set(v string) error { *l = append(*l, v); return nil }

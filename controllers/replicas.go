@@ -179,25 +179,20 @@ func (v *Replicas) Expire(ctx context.Context) error {
 
 // counted lists the replicas that count now, with their reports.
 func (v *Replicas) counted(ctx context.Context) ([]replica, error) {
-	var leases coordinationv1.LeaseList
-	if err := v.Client.List(ctx, &leases, client.InNamespace(v.Namespace), client.MatchingLabels{LabelReport: "true"}); err != nil {
-		return nil, err
-	}
 	now := time.Now()
 	if v.Now != nil {
 		now = v.Now()
 	}
+	reports, err := ReadReports(ctx, v.Client, v.Namespace, now)
+	if err != nil {
+		return nil, err
+	}
 	byName := map[string]*Report{}
 	var fresh []replica
-	for i := range leases.Items {
-		l := &leases.Items[i]
-		rep, err := decodeReport(l)
-		if err != nil {
-			continue
-		}
+	for i := range reports {
+		rep := &reports[i].Report
 		byName[rep.Replica] = rep
-		if l.Spec.RenewTime != nil && l.Spec.LeaseDurationSeconds != nil &&
-			now.Before(l.Spec.RenewTime.Add(time.Duration(*l.Spec.LeaseDurationSeconds)*time.Second)) {
+		if reports[i].Fresh {
 			fresh = append(fresh, replica{name: rep.Replica, address: rep.Address, report: rep})
 		}
 	}

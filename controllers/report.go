@@ -1,12 +1,17 @@
 package controllers
 
 import (
+	"cmp"
+	"context"
 	"encoding/json"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	coordinationv1 "k8s.io/api/coordination/v1"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 )
 
 // Every dataplane replica publishes what it serves as a Report: one small
@@ -64,6 +69,39 @@ func ReportLeaseName(replica string) string {
 		name = name[:253-len(reportPrefix)]
 	}
 	return reportPrefix + strings.Trim(name, "-")
+}
+
+// PublishedReport is a replica's report as its Lease holds it.
+type PublishedReport struct {
+	Report
+	// Renewed is when the replica last renewed it.
+	Renewed time.Time
+	// Fresh: the Lease has not expired, so the replica counts for status.
+	Fresh bool
+}
+
+// ReadReports lists the replicas' reports in namespace, sorted by replica.
+func ReadReports(ctx context.Context, c client.Reader, namespace string, now time.Time) ([]PublishedReport, error) {
+	var leases coordinationv1.LeaseList
+	if err := c.List(ctx, &leases, client.InNamespace(namespace), client.MatchingLabels{LabelReport: "true"}); err != nil {
+		return nil, err
+	}
+	var out []PublishedReport
+	for i := range leases.Items {
+		l := &leases.Items[i]
+		rep, err := decodeReport(l)
+		if err != nil {
+			continue
+		}
+		pr := PublishedReport{Report: *rep}
+		if l.Spec.RenewTime != nil {
+			pr.Renewed = l.Spec.RenewTime.Time
+			pr.Fresh = l.Spec.LeaseDurationSeconds != nil && now.Before(pr.Renewed.Add(time.Duration(*l.Spec.LeaseDurationSeconds)*time.Second))
+		}
+		out = append(out, pr)
+	}
+	slices.SortFunc(out, func(a, b PublishedReport) int { return cmp.Compare(a.Replica, b.Replica) })
+	return out, nil
 }
 
 // decodeReport reads the report a Lease carries.

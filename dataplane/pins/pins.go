@@ -563,6 +563,27 @@ func (t *Table) Overrides(now uint32, pick func(key uint64) uint64, alive func(b
 	return out
 }
 
+// CountByBackend returns how many live pins each backend holds.
+func (t *Table) CountByBackend(now uint32) map[uint64]int {
+	timeout := t.timeout.Load()
+	out := map[uint64]int{}
+	for i := range t.shards {
+		sh := &t.shards[i]
+		sh.mu.Lock()
+		if p := sh.slots.Load(); p != nil {
+			for j := range *p {
+				sl := &(*p)[j]
+				if k := sl.key.Load(); k == keyEmpty || k == keyTombstone || expired(sl.seen.Load(), now, timeout) {
+					continue
+				}
+				out[sl.backend.Load()]++
+			}
+		}
+		sh.mu.Unlock()
+	}
+	return out
+}
+
 // Clear drops every pin.
 func (t *Table) Clear() {
 	for i := range t.shards {

@@ -406,3 +406,47 @@ func BenchmarkLookup(b *testing.B) {
 		}
 	})
 }
+
+func TestCountByBackend(t *testing.T) {
+	tb := New(10*time.Second, limits(10_000, 10_000))
+	const now = 1_000_000
+	for k := uint64(1); k <= 300; k++ {
+		b := backendA
+		switch {
+		case k%3 == 1:
+			b = backendB
+		case k%3 == 2 && k > 150:
+			b = backendC
+		}
+		// Some pins are old: they expire before the count.
+		when := uint32(now)
+		if k%10 == 0 {
+			when = now - 60
+		}
+		tb.Pin(k<<8, b, Source(k), when) // clear of the reserved keys
+	}
+	got := tb.CountByBackend(now)
+	// Every tenth pin expired.
+	want := map[uint64]int{}
+	for k := uint64(1); k <= 300; k++ {
+		if k%10 == 0 {
+			continue
+		}
+		switch {
+		case k%3 == 1:
+			want[backendB]++
+		case k%3 == 2 && k > 150:
+			want[backendC]++
+		default:
+			want[backendA]++
+		}
+	}
+	if len(got) != len(want) {
+		t.Fatalf("CountByBackend = %v, want %v", got, want)
+	}
+	for b, n := range want {
+		if got[b] != n {
+			t.Fatalf("backend %x: %d pins, want %d (all %v)", b, got[b], n, got)
+		}
+	}
+}
