@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -404,6 +405,46 @@ func TestUserPath(t *testing.T) {
 			}
 			t.Logf("kubectl stickylb where %s %s -n %s:\n%s", ruleName, cluster.ClientIP(0), appNS,
 				kubectlStickylb(t, "where", ruleName, cluster.ClientIP(0).String(), "-n", appNS))
+		}},
+		{"kubectl stickylb status, through kubectl exec into each replica, shows the rule served by both, its pods and their shares", func(t *testing.T) {
+			out := kubectlStickylb(t, "status", ruleName, "-n", appNS, "-o", "json")
+			var st struct {
+				Rules []struct {
+					Conditions []struct{ Type, Status string }
+					Backends   []struct {
+						Address, Pod, Node, Probe string
+						Ready, Terminating        bool
+						Share                     float64
+					}
+					Replicas []struct{ Replica, State string }
+				}
+			}
+			if err := json.Unmarshal([]byte(out), &st); err != nil || len(st.Rules) != 1 {
+				t.Fatalf("%v: %s", err, out)
+			}
+			r := st.Rules[0]
+			serving, shares, ready := 0, 0.0, 0
+			for _, rep := range r.Replicas {
+				if rep.State == "serving" {
+					serving++
+				}
+			}
+			for _, b := range r.Backends {
+				if b.Pod == "" || b.Node == "" {
+					t.Errorf("backend %s: no pod or node named", b.Address)
+				}
+				if b.Ready && !b.Terminating {
+					ready++
+					if b.Probe != "up" || b.Share == 0 {
+						t.Errorf("ready backend %+v: want probe up and a share of the table", b)
+					}
+				}
+				shares += b.Share
+			}
+			if serving != 2 || ready == 0 || math.Abs(shares-1) > 1e-6 {
+				t.Errorf("%d replicas serving (want 2), %d ready backends, shares add up to %v: %s", serving, ready, shares, out)
+			}
+			t.Logf("kubectl stickylb status %s -n %s:\n%s", ruleName, appNS, kubectlStickylb(t, "status", ruleName, "-n", appNS))
 		}},
 		{"a crashed replica leaves the frontend as fast as Kubernetes drops it", func(t *testing.T) {
 			// The standby's process is killed outright. Kubernetes' own
