@@ -4,7 +4,6 @@ import (
 	"context"
 	"maps"
 	"net/netip"
-	"reflect"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -13,16 +12,14 @@ import (
 	"github.com/go-logr/logr"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/util/workqueue"
 	ctrl "sigs.k8s.io/controller-runtime"
-	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/controller"
 	"sigs.k8s.io/controller-runtime/pkg/event"
-	"sigs.k8s.io/controller-runtime/pkg/handler"
 	"sigs.k8s.io/controller-runtime/pkg/manager"
-	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 	"sigs.k8s.io/controller-runtime/pkg/source"
 
@@ -49,8 +46,13 @@ type DataplaneState struct {
 }
 
 // Dataplane is the dataplane role, run by every replica: it watches rules,
-// Services and EndpointSlices, translates them with one pure function and
-// applies the snapshot to the local proxy.
+// Services and EndpointSlices, translates them and applies the snapshot to
+// the local proxy.
+//
+// Translation is incremental (translate.Incremental): the event handlers
+// note which objects changed, and a Reconcile reads only those from the
+// cache and translates again only the rules they feed. The first Reconcile
+// lists everything.
 type Dataplane struct {
 	Client client.Client
 	Proxy  *proxy.Proxy
@@ -69,6 +71,13 @@ type Dataplane struct {
 	mu       sync.Mutex // serialises reconciles
 	version  uint64
 	lastSnap *snapshot.Snapshot
+	// inc holds every rule, Service and EndpointSlice translated so far;
+	// nil until the first Reconcile has listed them. generations are the
+	// rules' generations (shared with the state published: copied on change).
+	inc         *translate.Incremental
+	generations map[types.NamespacedName]int64
+	// changes are the objects changed since the last Reconcile took them.
+	changes changeSet
 	// serving is set once a snapshot built from synced caches is applied.
 	serving atomic.Bool
 
@@ -124,7 +133,7 @@ type coverage struct {
 func NewDataplane(c client.Client, p *proxy.Proxy, bind netip.Addr, log logr.Logger) *Dataplane {
 	d := &Dataplane{Client: c, Proxy: p, Bind: bind, Log: log, changed: make(chan event.GenericEvent),
 		pending: map[types.NamespacedName]struct{}{}, wake: make(chan struct{}, 1),
-		subscribers: map[chan struct{}]struct{}{}}
+		subscribers: map[chan struct{}]struct{}{}, generations: map[types.NamespacedName]int64{}}
 	d.state.Store(&DataplaneState{})
 	return d
 }
@@ -220,8 +229,13 @@ func objectVersion(o client.Object) uint64 {
 }
 
 // generationChanged records a change the snapshot must take in, then
-// enqueues the Reconcile that will (in this order: see coverage).
+// enqueues the Reconcile that will (in this order: see coverage). The rule
+// is noted as changed before handled moves: a Reconcile that reads handled
+// at or above v finds the rule among the changes it takes.
 func (h ruleEvents) generationChanged(o client.Object, q ruleQueue) {
+	if o != nil {
+		h.d.changes.add(kindRule, client.ObjectKeyFromObject(o))
+	}
 	v := objectVersion(o)
 	c := &h.d.cov
 	c.mu.Lock()
@@ -313,14 +327,12 @@ func (d *Dataplane) forward(ctx context.Context) error {
 	}
 }
 
-// everything is the one request the dataplane reconciles: the whole world.
+// everything is the one request the dataplane reconciles: the snapshot. What
+// changed is in Dataplane.changes.
 var everything = reconcile.Request{NamespacedName: types.NamespacedName{Name: "snapshot"}}
 
 // SetupWithManager runs the role on every replica, leader or not.
 func (d *Dataplane) SetupWithManager(mgr ctrl.Manager) error {
-	all := handler.EnqueueRequestsFromMapFunc(func(context.Context, client.Object) []reconcile.Request {
-		return []reconcile.Request{everything}
-	})
 	notLeaderElected := false
 	if err := mgr.Add(manager.RunnableFunc(d.forward)); err != nil {
 		return err
@@ -331,9 +343,11 @@ func (d *Dataplane) SetupWithManager(mgr ctrl.Manager) error {
 		// Status writes change no snapshot: ruleEvents enqueues only
 		// generation changes, and keeps Covered moving past status writes.
 		Watches(&lbv1alpha1.LoadBalancerRule{}, ruleEvents{d}).
-		// Our own frontends change no snapshot either.
-		Watches(&corev1.Service{}, all, builder.WithPredicates(notFrontend)).
-		Watches(&discoveryv1.EndpointSlice{}, all, builder.WithPredicates(notFrontend)).
+		// Every Service and EndpointSlice, as a list would return them
+		// (our own frontends included, which change no rule's pool: they
+		// cost a lookup each).
+		Watches(&corev1.Service{}, objectEvents{d, kindService}).
+		Watches(&discoveryv1.EndpointSlice{}, objectEvents{d, kindSlice}).
 		// One reconcile at start even when there is no object at all, so the
 		// replica becomes Serving (ready) in an empty cluster too.
 		WatchesRawSource(source.Func(func(_ context.Context, q workqueue.TypedRateLimitingInterface[reconcile.Request]) error {
@@ -343,45 +357,39 @@ func (d *Dataplane) SetupWithManager(mgr ctrl.Manager) error {
 		Complete(d)
 }
 
-// notFrontend skips the frontend Services and EndpointSlices the controller
-// role writes: no rule's backends are there.
-var notFrontend = predicate.NewPredicateFuncs(func(o client.Object) bool { return o.GetLabels()[LabelFrontend] == "" })
-
-// Reconcile rebuilds and applies the snapshot.
+// Reconcile brings the snapshot up to date with the objects changed since
+// the last one, and applies it.
 func (d *Dataplane) Reconcile(ctx context.Context, _ reconcile.Request) (reconcile.Result, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	// Read before listing: the cache holds every rule change up to it.
+	// Read before taking the changes: every rule change up to it is among
+	// them (see generationChanged), or in what the first Reconcile lists.
 	covers := d.cov.reconcileStarts()
-	var rules lbv1alpha1.LoadBalancerRuleList
-	if err := d.Client.List(ctx, &rules, client.UnsafeDisableDeepCopy); err != nil {
-		return reconcile.Result{}, err
+	changes := d.changes.take()
+	generations := d.generations
+	loaded := d.inc == nil
+	if loaded {
+		listed, gens, err := d.load(ctx)
+		if err != nil {
+			d.changes.putBack(changes)
+			return reconcile.Result{}, err
+		}
+		covers = max(covers, listed)
+		generations = gens
+	} else {
+		var err error
+		if generations, err = d.feed(ctx, changes); err != nil {
+			d.changes.putBack(changes)
+			return reconcile.Result{}, err
+		}
 	}
-	for i := range rules.Items {
-		covers = max(covers, resourceVersion(rules.Items[i].ResourceVersion))
-	}
-	var services corev1.ServiceList
-	if err := d.Client.List(ctx, &services, client.UnsafeDisableDeepCopy); err != nil {
-		return reconcile.Result{}, err
-	}
-	var slices discoveryv1.EndpointSliceList
-	if err := d.Client.List(ctx, &slices, client.UnsafeDisableDeepCopy); err != nil {
-		return reconcile.Result{}, err
-	}
-	snap, results := translate.Translate(translate.Input{
-		Rules: rules.Items, Services: services.Items, Slices: slices.Items,
-		Bind: d.Bind, Version: d.version + 1,
-	})
+	snap, results, changedRules := d.inc.Build(d.version + 1)
 	prev := d.State()
 	next := &DataplaneState{
 		Version:      d.version,
 		Results:      results,
-		Generations:  make(map[types.NamespacedName]int64, len(rules.Items)),
+		Generations:  generations,
 		ListenErrors: map[types.NamespacedName]string{},
-	}
-	for i := range rules.Items {
-		r := &rules.Items[i]
-		next.Generations[types.NamespacedName{Namespace: r.Namespace, Name: r.Name}] = r.Generation
 	}
 	if d.lastSnap == nil || !sameRules(d.lastSnap, &snap) || len(prev.ListenErrors) > 0 {
 		failed, err := d.Proxy.Apply(&snap)
@@ -395,13 +403,15 @@ func (d *Dataplane) Reconcile(ctx context.Context, _ reconcile.Request) (reconci
 			ns, n, _ := cutName(name)
 			next.ListenErrors[types.NamespacedName{Namespace: ns, Name: n}] = err.Error()
 		}
-		d.Log.V(1).Info("snapshot applied", "version", snap.Version, "rules", len(snap.Rules), "failed", len(failed))
+		d.Log.V(1).Info("snapshot applied", "version", snap.Version, "rules", len(snap.Rules),
+			"changed", len(changedRules), "failed", len(failed))
 		if !d.serving.Swap(true) {
 			d.Log.Info("serving: first snapshot applied", "version", snap.Version, "rules", len(snap.Rules))
 		}
 	} else {
 		next.ListenErrors = prev.ListenErrors
 	}
+	d.generations = generations
 	d.state.Store(next)
 	// What was listed is served (applied now, or unchanged).
 	if d.cov.applied(covers) || next.Version != prev.Version || !maps.Equal(next.ListenErrors, prev.ListenErrors) {
@@ -412,18 +422,118 @@ func (d *Dataplane) Reconcile(ctx context.Context, _ reconcile.Request) (reconci
 		// A frontend port may free up without any object changing.
 		res.RequeueAfter = 5 * time.Second
 	}
-	for key := range unionKeys(prev.Generations, next.Generations) {
-		if prev.Generations[key] != next.Generations[key] ||
-			!reflect.DeepEqual(prev.Results[key], next.Results[key]) ||
-			prev.ListenErrors[key] != next.ListenErrors[key] {
+	// The rules whose status may change: a new result or snapshot rule, a
+	// new generation, a new listen error.
+	for _, key := range changedRules {
+		d.notify(key)
+	}
+	ruleKeys := changes[kindRule]
+	if loaded {
+		ruleKeys = unionKeys(prev.Generations, next.Generations)
+	}
+	for key := range ruleKeys {
+		if prev.Generations[key] != next.Generations[key] {
+			d.notify(key)
+		}
+	}
+	for key := range unionKeys(prev.ListenErrors, next.ListenErrors) {
+		if prev.ListenErrors[key] != next.ListenErrors[key] {
 			d.notify(key)
 		}
 	}
 	return res, nil
 }
 
-// sameRules reports whether two snapshots serve the same rules (versions aside).
-func sameRules(a, b *snapshot.Snapshot) bool { return reflect.DeepEqual(a.Rules, b.Rules) }
+// load lists every rule, Service and EndpointSlice into a new Incremental.
+// It returns the highest rule resourceVersion listed and the generations.
+func (d *Dataplane) load(ctx context.Context) (uint64, map[types.NamespacedName]int64, error) {
+	var rules lbv1alpha1.LoadBalancerRuleList
+	if err := d.Client.List(ctx, &rules, client.UnsafeDisableDeepCopy); err != nil {
+		return 0, nil, err
+	}
+	var services corev1.ServiceList
+	if err := d.Client.List(ctx, &services, client.UnsafeDisableDeepCopy); err != nil {
+		return 0, nil, err
+	}
+	var epSlices discoveryv1.EndpointSliceList
+	if err := d.Client.List(ctx, &epSlices, client.UnsafeDisableDeepCopy); err != nil {
+		return 0, nil, err
+	}
+	var listed uint64
+	gens := make(map[types.NamespacedName]int64, len(rules.Items))
+	for i := range rules.Items {
+		r := &rules.Items[i]
+		listed = max(listed, resourceVersion(r.ResourceVersion))
+		gens[types.NamespacedName{Namespace: r.Namespace, Name: r.Name}] = r.Generation
+	}
+	inc := translate.NewIncremental(d.Bind)
+	inc.Sync(translate.Input{Rules: rules.Items, Services: services.Items, Slices: epSlices.Items})
+	d.inc = inc
+	return listed, gens, nil
+}
+
+// feed reads the changed objects from the cache into d.inc, and returns
+// the rules' generations (a copy when any changed).
+func (d *Dataplane) feed(ctx context.Context, changes map[objectKind]map[types.NamespacedName]struct{}) (map[types.NamespacedName]int64, error) {
+	gens := d.generations
+	copied := false
+	setGen := func(key types.NamespacedName, g int64, present bool) {
+		if old, ok := gens[key]; ok == present && old == g {
+			return
+		}
+		if !copied {
+			gens, copied = maps.Clone(gens), true
+		}
+		if present {
+			gens[key] = g
+		} else {
+			delete(gens, key)
+		}
+	}
+	for key := range changes[kindRule] {
+		r := &lbv1alpha1.LoadBalancerRule{}
+		switch err := d.Client.Get(ctx, key, r, client.UnsafeDisableDeepCopy); {
+		case apierrors.IsNotFound(err):
+			d.inc.DeleteRule(key)
+			setGen(key, 0, false)
+		case err != nil:
+			return nil, err
+		default:
+			d.inc.SetRule(r)
+			setGen(key, r.Generation, true)
+		}
+	}
+	for key := range changes[kindService] {
+		s := &corev1.Service{}
+		switch err := d.Client.Get(ctx, key, s, client.UnsafeDisableDeepCopy); {
+		case apierrors.IsNotFound(err):
+			d.inc.DeleteService(key.Namespace, key.Name)
+		case err != nil:
+			return nil, err
+		default:
+			d.inc.SetService(s)
+		}
+	}
+	for key := range changes[kindSlice] {
+		es := &discoveryv1.EndpointSlice{}
+		switch err := d.Client.Get(ctx, key, es, client.UnsafeDisableDeepCopy); {
+		case apierrors.IsNotFound(err):
+			d.inc.DeleteSlice(key.Namespace, key.Name)
+		case err != nil:
+			return nil, err
+		default:
+			d.inc.SetSlice(es)
+		}
+	}
+	return gens, nil
+}
+
+// sameRules reports whether two snapshots built by one Incremental serve
+// the same rules (versions aside): it shares the rules of a snapshot it did
+// not change.
+func sameRules(a, b *snapshot.Snapshot) bool {
+	return len(a.Rules) == len(b.Rules) && (len(a.Rules) == 0 || &a.Rules[0] == &b.Rules[0])
+}
 
 func unionKeys[V any](a, b map[types.NamespacedName]V) map[types.NamespacedName]struct{} {
 	out := make(map[types.NamespacedName]struct{}, len(a)+len(b))

@@ -163,18 +163,49 @@ func (k ListenerKey) String() string { return k.Protocol.String() + "/" + k.Addr
 func (s *Snapshot) Normalize() {
 	slices.SortFunc(s.Rules, func(a, b Rule) int { return cmp.Compare(a.Name, b.Name) })
 	for i := range s.Rules {
-		r := &s.Rules[i]
-		slices.Sort(r.Protocols)
-		r.Protocols = slices.Compact(r.Protocols)
-		slices.SortFunc(r.Backends, func(a, b Backend) int {
-			if c := a.Addr.Compare(b.Addr); c != 0 {
-				return c
-			}
-			// A ready copy of a backend wins over a draining one.
-			return cmp.Compare(boolInt(a.Draining), boolInt(b.Draining))
-		})
-		r.Backends = slices.CompactFunc(r.Backends, func(a, b Backend) bool { return a.Addr == b.Addr })
+		s.Rules[i].Normalize()
 	}
+}
+
+// Normalize sorts the rule's protocols and backends and drops duplicate
+// backends, in place: call it before the rule is shared (a snapshot's rules
+// are read concurrently, and a rule may be shared by several snapshots).
+func (r *Rule) Normalize() {
+	slices.Sort(r.Protocols)
+	r.Protocols = slices.Compact(r.Protocols)
+	slices.SortFunc(r.Backends, func(a, b Backend) int {
+		if c := a.Addr.Compare(b.Addr); c != 0 {
+			return c
+		}
+		// A ready copy of a backend wins over a draining one.
+		return cmp.Compare(boolInt(a.Draining), boolInt(b.Draining))
+	})
+	r.Backends = slices.CompactFunc(r.Backends, func(a, b Backend) bool { return a.Addr == b.Addr })
+}
+
+// Equal reports whether two rules hold the same configuration. It is cheap
+// for rules that share their backends (the same backing array and length,
+// as incremental translation leaves the rules it did not rebuild: a
+// snapshot is immutable, so shared backends are equal), and otherwise
+// compares the backends one by one. Nil and empty lists are equal.
+func (r *Rule) Equal(o *Rule) bool {
+	if r == o {
+		return true
+	}
+	if r.Name != o.Name || r.Generation != o.Generation || r.Frontend != o.Frontend ||
+		r.Bind != o.Bind || r.Port != o.Port || r.Persistence != o.Persistence ||
+		r.IdleTimeout != o.IdleTimeout || r.TCPReset != o.TCPReset || r.PinTimeout != o.PinTimeout ||
+		r.ProxyProtocol != o.ProxyProtocol || r.AllProbedUp != o.AllProbedUp ||
+		!slices.Equal(r.Protocols, o.Protocols) || len(r.Backends) != len(o.Backends) {
+		return false
+	}
+	if (r.Probe == nil) != (o.Probe == nil) || (r.Probe != nil && *r.Probe != *o.Probe) {
+		return false
+	}
+	if len(r.Backends) == 0 || &r.Backends[0] == &o.Backends[0] {
+		return true
+	}
+	return slices.Equal(r.Backends, o.Backends)
 }
 
 // Validate reports configurations the proxy cannot serve: two rules claiming

@@ -71,30 +71,42 @@ func indexPools(services []corev1.Service, epSlices []discoveryv1.EndpointSlice)
 	}
 	for i := range epSlices {
 		es := &epSlices[i]
-		svc := es.Labels[discoveryv1.LabelServiceName]
-		if svc == "" {
-			continue
-		}
-		if es.AddressType != discoveryv1.AddressTypeIPv4 && es.AddressType != discoveryv1.AddressTypeIPv6 {
-			continue // FQDN endpoints name no address to dial
-		}
-		p := get(serviceKey{namespace: es.Namespace, name: svc})
-		for _, ep := range es.Endpoints {
-			if len(ep.Addresses) == 0 {
-				continue
-			}
-			addr, err := netip.ParseAddr(ep.Addresses[0])
-			if err != nil || addr.Zone() != "" {
-				continue
-			}
-			addr = addr.Unmap()
-			st := stateOf(ep.Conditions)
-			if prev, seen := p.endpoints[addr]; !seen || st > prev {
-				p.endpoints[addr] = st
-			}
+		if k, ok := sliceService(es); ok {
+			get(k).add(es)
 		}
 	}
 	return pools
+}
+
+// sliceService is the Service whose pool es adds to, if any: the one its
+// kubernetes.io/service-name label names, for slices of IP addresses.
+func sliceService(es *discoveryv1.EndpointSlice) (serviceKey, bool) {
+	svc := es.Labels[discoveryv1.LabelServiceName]
+	if svc == "" {
+		return serviceKey{}, false
+	}
+	if es.AddressType != discoveryv1.AddressTypeIPv4 && es.AddressType != discoveryv1.AddressTypeIPv6 {
+		return serviceKey{}, false // FQDN endpoints name no address to dial
+	}
+	return serviceKey{namespace: es.Namespace, name: svc}, true
+}
+
+// add merges the endpoints of es into the pool.
+func (p *pool) add(es *discoveryv1.EndpointSlice) {
+	for _, ep := range es.Endpoints {
+		if len(ep.Addresses) == 0 {
+			continue
+		}
+		addr, err := netip.ParseAddr(ep.Addresses[0])
+		if err != nil || addr.Zone() != "" {
+			continue
+		}
+		addr = addr.Unmap()
+		st := stateOf(ep.Conditions)
+		if prev, seen := p.endpoints[addr]; !seen || st > prev {
+			p.endpoints[addr] = st
+		}
+	}
 }
 
 // backends is the pool at port: ready endpoints active, terminating ones

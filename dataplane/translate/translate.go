@@ -93,7 +93,7 @@ func Translate(in Input) (snapshot.Snapshot, map[types.NamespacedName]Result) {
 	for i := range rules {
 		lbr := &rules[i]
 		key := nameOf(lbr)
-		rule, res := translateRule(lbr, in.Bind, pools)
+		rule, res := translateRule(lbr, in.Bind, func(k serviceKey) *pool { return pools[k] })
 		if res.Invalid != "" {
 			results[key] = res
 			continue
@@ -170,7 +170,7 @@ func FromRules(rules []v1alpha1.LoadBalancerRule, bind netip.Addr, version uint6
 
 // translateRule builds the snapshot rule of r. A spec the dataplane cannot
 // serve comes back as res.Invalid.
-func translateRule(r *v1alpha1.LoadBalancerRule, bind netip.Addr, pools map[serviceKey]*pool) (snapshot.Rule, Result) {
+func translateRule(r *v1alpha1.LoadBalancerRule, bind netip.Addr, pools func(serviceKey) *pool) (snapshot.Rule, Result) {
 	spec := &r.Spec
 	ns := namespace(r)
 	invalid := func(format string, args ...any) (snapshot.Rule, Result) {
@@ -249,7 +249,7 @@ func translateRule(r *v1alpha1.LoadBalancerRule, bind netip.Addr, pools map[serv
 	case pool.ServiceName != "" && len(pool.Addresses) > 0:
 		return invalid("spec.backendPool: Invalid value: exactly one of spec.backendPool.serviceName or spec.backendPool.addresses must be set")
 	case pool.ServiceName != "":
-		p := pools[serviceKey{namespace: ns, name: pool.ServiceName}]
+		p := pools(serviceKey{namespace: ns, name: pool.ServiceName})
 		if p == nil || !p.exists {
 			// Served with no backends: clients are refused, not sent elsewhere.
 			res.ResolvedRefs = false
