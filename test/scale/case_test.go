@@ -89,6 +89,7 @@ func benchScale(b *testing.B, s size) {
 	b.Logf("stickylb ready (caches synced) %.1f s after its start", time.Since(p.started).Seconds())
 	time.Sleep(3 * time.Second)
 	before := p.measure(b)
+	before.live = p.liveHeap(b, "")
 
 	// Count Ready rules from a watch of our own, not by listing them.
 	ready := watchReady(b, ns, s.rules)
@@ -117,10 +118,11 @@ func benchScale(b *testing.B, s size) {
 	after := p.measure(b)
 	time.Sleep(5 * time.Second)
 	settled := p.measure(b)
-
+	profile := ""
 	if *profFlag != "" {
-		p.heapProfile(b, filepath.Join(*profFlag, s.String()+"-heap.pb.gz"))
+		profile = filepath.Join(*profFlag, s.String()+"-heap.pb.gz")
 	}
+	settled.live = p.liveHeap(b, profile)
 
 	lat := timeChanges(b, p, ns, name, slicesByRule, s.rules)
 
@@ -130,7 +132,10 @@ func benchScale(b *testing.B, s size) {
 	b.ReportMetric(mib(settled.hwm), "peak-MiB")
 	b.ReportMetric(mib(after.heap), "heap-MiB")
 	b.ReportMetric(mib(before.rss), "rss-before-MiB")
+	b.ReportMetric(mib(settled.live), "live-MiB")
+	b.ReportMetric(mib(before.live), "live-before-MiB")
 	n := float64(s.rules)
+	b.ReportMetric(float64(settled.live-min(settled.live, before.live))/1024/n, "live-KiB/rule")
 	b.ReportMetric(float64(settled.rss-min(settled.rss, before.rss))/1024/n, "rss-KiB/rule")
 	b.ReportMetric(float64(settled.heap-min(settled.heap, before.heap))/1024/n, "heap-KiB/rule")
 	b.ReportMetric(float64(settled.series-before.series)/n, "series/rule")
@@ -140,10 +145,11 @@ func benchScale(b *testing.B, s size) {
 		b.ReportMetric(ms(percentile(lat, 99)), "p99-ms")
 	}
 
-	b.Logf("stickylb memory: before the rules RSS %.0f MiB, heap in use %.0f MiB (Services and EndpointSlices cached); all Ready: RSS %.0f MiB, heap %.0f MiB; 5 s later: RSS %.0f MiB, heap %.0f MiB; peak RSS %.0f MiB",
-		mib(before.rss), mib(before.heap), mib(after.rss), mib(after.heap), mib(settled.rss), mib(settled.heap), mib(settled.hwm))
-	b.Logf("per rule (5 s later minus before the rules, / %d): RSS %.1f KiB, heap %.1f KiB, %.2f metric series, %.2f fds (%.2f sockets)",
+	b.Logf("stickylb memory: before the rules RSS %.0f MiB, heap in use %.0f MiB, %.0f MiB after a GC (Services and EndpointSlices cached); all Ready: RSS %.0f MiB, heap %.0f MiB; 5 s later: RSS %.0f MiB, heap %.0f MiB, %.0f MiB after a GC; peak RSS %.0f MiB",
+		mib(before.rss), mib(before.heap), mib(before.live), mib(after.rss), mib(after.heap), mib(settled.rss), mib(settled.heap), mib(settled.live), mib(settled.hwm))
+	b.Logf("per rule (5 s later minus before the rules, / %d): RSS %.1f KiB, heap %.1f KiB (%.1f KiB after a GC), %.2f metric series, %.2f fds (%.2f sockets)",
 		s.rules, float64(settled.rss-min(settled.rss, before.rss))/1024/n, float64(settled.heap-min(settled.heap, before.heap))/1024/n,
+		float64(settled.live-min(settled.live, before.live))/1024/n,
 		float64(settled.series-before.series)/n, float64(settled.fds-before.fds)/n, float64(settled.sockets-before.sockets)/n)
 	b.Logf("metric series with a rule label, by family: %s", settled.byFamily())
 	b.Logf("scrape: %d series, %.1f MiB of text before the rules; %d series, %.1f MiB after",
@@ -388,12 +394,9 @@ type process struct {
 // startStickylb runs the binary as the manager and dataplane of a local
 // install (no POD_NAMESPACE), serving on 127.0.0.1; its log goes to a file.
 func startStickylb(b *testing.B) *process {
-	p := &process{metrics: testenv.FreeAddr(b), health: testenv.FreeAddr(b), debug: testenv.FreeAddr(b), pprof: "0",
+	p := &process{metrics: testenv.FreeAddr(b), health: testenv.FreeAddr(b), debug: testenv.FreeAddr(b), pprof: testenv.FreeAddr(b),
 		logPath: filepath.Join(workDir, "stickylb-"+strings.ReplaceAll(b.Name(), "/", "_")+".log"),
 		exited:  make(chan struct{}), http: &http.Client{Timeout: 30 * time.Second}}
-	if *profFlag != "" {
-		p.pprof = testenv.FreeAddr(b)
-	}
 	logf, err := os.Create(p.logPath)
 	if err != nil {
 		b.Fatal(err)
@@ -408,8 +411,12 @@ func startStickylb(b *testing.B) *process {
 		"--leader-elect", "--leader-election-namespace", "default",
 		"--drain-timeout", "2s")
 	p.cmd.Env = slices.DeleteFunc(os.Environ(), func(kv string) bool {
-		return strings.HasPrefix(kv, "POD_NAMESPACE=") || strings.HasPrefix(kv, "POD_IP=") || strings.HasPrefix(kv, "KUBECONFIG=")
+		return strings.HasPrefix(kv, "POD_NAMESPACE=") || strings.HasPrefix(kv, "POD_IP=") || strings.HasPrefix(kv, "KUBECONFIG=") ||
+			strings.HasPrefix(kv, "GOMEMLIMIT=") || strings.HasPrefix(kv, "GOGC=")
 	})
+	if *memLimitFlag != "" {
+		p.cmd.Env = append(p.cmd.Env, "GOMEMLIMIT="+*memLimitFlag)
+	}
 	p.cmd.Stdout, p.cmd.Stderr = logf, logf
 	if err := p.cmd.Start(); err != nil {
 		b.Fatal(err)
@@ -456,8 +463,10 @@ func (p *process) tail(n int) string {
 	return strings.Join(lines[max(0, len(lines)-n):], "\n")
 }
 
-// heapProfile writes the process's heap profile to path.
-func (p *process) heapProfile(b *testing.B, path string) {
+// liveHeap has the process collect its garbage (asking for a heap profile
+// after a GC), then reads its heap in use: what is live, and what it
+// fragments. It writes the profile to path, if any.
+func (p *process) liveHeap(b *testing.B, path string) uint64 {
 	resp, err := p.http.Get("http://" + p.pprof + "/debug/pprof/heap?gc=1")
 	if err != nil {
 		b.Fatal(err)
@@ -467,13 +476,16 @@ func (p *process) heapProfile(b *testing.B, path string) {
 	if err == nil && resp.StatusCode != http.StatusOK {
 		err = fmt.Errorf("%s: %s", resp.Status, raw)
 	}
-	if err == nil {
+	if err == nil && path != "" {
 		err = os.WriteFile(path, raw, 0o644)
 	}
 	if err != nil {
 		b.Fatalf("heap profile: %v", err)
 	}
-	b.Logf("heap profile: %s", path)
+	if path != "" {
+		b.Logf("heap profile: %s", path)
+	}
+	return p.measure(b).heap
 }
 
 // where asks the process's where endpoint for the client's first backend.

@@ -16,6 +16,7 @@ import (
 type sample struct {
 	rss, hwm uint64 // /proc/PID/status VmRSS, VmHWM
 	heap     uint64 // go_memstats_heap_inuse_bytes
+	live     uint64 // the same right after a GC
 	series   int    // samples in one scrape of /metrics
 	// ruleSeries counts, by metric name, the series with a rule label.
 	ruleSeries  map[string]int

@@ -41,9 +41,10 @@ import (
 )
 
 var (
-	sizesFlag = flag.String("scale", "1000x100", "comma-separated RULESxENDPOINTS cases, each a sub-benchmark of BenchmarkScale")
-	binFlag   = flag.String("stickylb", "", "the stickylb binary to measure (default: built from this module with CGO_ENABLED=0)")
-	profFlag  = flag.String("heapprofile", "", "directory to write stickylb's heap profile into, once every rule is Ready (CASE-heap.pb.gz; go tool pprof -sample_index=inuse_space)")
+	sizesFlag    = flag.String("scale", "1000x100", "comma-separated RULESxENDPOINTS cases, each a sub-benchmark of BenchmarkScale")
+	binFlag      = flag.String("stickylb", "", "the stickylb binary to measure (default: built from this module with CGO_ENABLED=0)")
+	profFlag     = flag.String("heapprofile", "", "directory to write stickylb's heap profile into, once every rule is Ready (CASE-heap.pb.gz; go tool pprof -sample_index=inuse_space)")
+	memLimitFlag = flag.String("gomemlimit", "", "GOMEMLIMIT for stickylb, as the chart's memory limit sets it (90% of the limit), e.g. 230MiB")
 )
 
 var (
