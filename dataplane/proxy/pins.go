@@ -90,17 +90,19 @@ func (p *Proxy) announce(rule string, ps []pins.Pin) {
 	}
 }
 
-// attachPins gives the rules of a new snapshot their pin tables; Apply
-// calls it with p.mu held, before the pools are built. A rule that stops
-// pinning, changes what its clients are keyed by, or is gone loses its pins.
-func (p *Proxy) attachPins(rules map[string]*ruleState) {
+// attachPins gives the new states of a snapshot's changed rules their pin
+// tables (replaced[i] is the state fresh[i] replaces, nil for a new rule);
+// Apply calls it with p.mu held, before the pools are built. A rule that
+// stops pinning, changes what its clients are keyed by, or is gone loses
+// its pins. Rules that did not change keep their state and table.
+func (p *Proxy) attachPins(fresh, replaced []*ruleState, gone []string) {
 	ps := &p.pins
 	ps.mu.Lock()
 	defer ps.mu.Unlock()
-	for name, rs := range rules {
-		r := rs.rule
+	for i, rs := range fresh {
+		r, name := rs.rule, rs.rule.Name
 		t := ps.tables[name]
-		if old, ok := p.rules[name]; ok && t != nil && (old.rule.Persistence != r.Persistence || old.rule.Frontend != r.Frontend) {
+		if old := replaced[i]; old != nil && t != nil && (old.rule.Persistence != r.Persistence || old.rule.Frontend != r.Frontend) {
 			t.Clear() // the keys were another hash
 		}
 		if !pinning(r) {
@@ -117,33 +119,35 @@ func (p *Proxy) attachPins(rules map[string]*ruleState) {
 		}
 		delete(ps.pending, name)
 		t.SetTimeout(r.PinTimeout)
-		if rs.pins != t { // only a fresh ruleState, not yet serving
-			rs.pins = t
-		}
+		rs.pins = t
 	}
-	for name := range p.rules {
-		if _, ok := rules[name]; !ok {
-			if t := ps.tables[name]; t != nil {
-				t.Clear()
-				delete(ps.tables, name)
-			}
+	for _, name := range gone {
+		if t := ps.tables[name]; t != nil {
+			t.Clear()
+			delete(ps.tables, name)
 		}
 	}
 }
 
-// publishPins makes the rules of a new snapshot the served ones, for peers
-// and the sweep; Apply calls it with p.mu held once every pool is built.
-func (p *Proxy) publishPins(rules map[string]*ruleState) {
+// publishPins makes the new states of a snapshot's changed rules the
+// served ones, and forgets the rules gone, for peers and the sweep; Apply
+// calls it with p.mu held once every pool is built.
+func (p *Proxy) publishPins(fresh []*ruleState, gone []string) {
 	ps := &p.pins
 	ps.mu.Lock()
 	defer ps.mu.Unlock()
-	clear(ps.served)
-	clear(ps.unpinned)
-	for name, rs := range rules {
+	for _, name := range gone {
+		delete(ps.served, name)
+		delete(ps.unpinned, name)
+	}
+	for _, rs := range fresh {
+		name := rs.rule.Name
 		if rs.pins != nil {
 			ps.served[name] = rs
+			delete(ps.unpinned, name)
 			continue
 		}
+		delete(ps.served, name)
 		ps.unpinned[name] = true
 		if t := ps.tables[name]; t != nil { // a peer's, since attachPins
 			t.Clear()

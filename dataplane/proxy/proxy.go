@@ -13,7 +13,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"reflect"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -136,6 +135,9 @@ type Proxy struct {
 	current   *snapshot.Snapshot
 	rules     map[string]*ruleState
 	listeners map[snapshot.ListenerKey]listener
+	// want holds the listeners the rules served need, unbound those of them
+	// not open (Apply tries them again).
+	want, unbound map[snapshot.ListenerKey]*ruleState
 	// byTarget maps a health target to the rules probing it, for probe notifications.
 	byTarget atomic.Pointer[map[health.Target][]*ruleState]
 
@@ -253,79 +255,121 @@ var ErrShutdown = errors.New("proxy is shut down")
 // new rule in place. It returns the rules whose listeners could not be
 // opened; the rest of s is served regardless. Apply retries such listeners
 // on the next call.
+//
+// Its cost is one cheap look at each rule (snapshot.Rule.Equal, which does
+// not walk backends that s shares with the snapshot served) plus the work
+// for the rules that changed: rules that did not change keep their state,
+// pool and listeners untouched.
 func (p *Proxy) Apply(s *snapshot.Snapshot) (failed map[string]error, err error) {
-	if err := s.Validate(); err != nil {
-		return nil, err
-	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	d, err := p.diff(s)
+	if err != nil {
+		return nil, err
+	}
 	if p.shutdown.Load() {
 		return nil, ErrShutdown
 	}
+	if p.want == nil {
+		p.want = map[snapshot.ListenerKey]*ruleState{}
+		p.unbound = map[snapshot.ListenerKey]*ruleState{}
+	}
 
-	rules := make(map[string]*ruleState, len(s.Rules))
-	var fresh []*ruleState
-	byTarget := map[health.Target][]*ruleState{}
-	var targets []health.Target
-	for i := range s.Rules {
-		r := &s.Rules[i]
-		rs, ok := p.rules[r.Name]
-		if !ok || !reflect.DeepEqual(rs.rule, r) {
-			if ok {
-				p.forgetRemovedBackends(rs.rule, r)
-			}
-			// A copy: pointing into s.Rules would keep every rule of s alive
-			// for as long as this one rule is served.
-			rc := *r
-			rs = newRuleState(&rc, p.metrics)
-			fresh = append(fresh, rs)
+	probes := false
+	fresh := make([]*ruleState, 0, len(d.changed))
+	for _, c := range d.changed {
+		if c.old != nil {
+			p.forgetRemovedBackends(c.old.rule, c.rule)
+			probes = probes || c.old.rule.Probe != nil
 		}
-		rules[r.Name] = rs
-		for _, b := range r.Backends {
-			if t, ok := probeTarget(r, b.Addr); ok {
-				if byTarget[t] == nil {
-					targets = append(targets, t)
+		// A copy: pointing into s.Rules would keep every rule of s alive
+		// for as long as this one rule is served.
+		rc := *c.rule
+		fresh = append(fresh, newRuleState(&rc, p.metrics))
+		probes = probes || rc.Probe != nil
+	}
+	for _, rs := range d.removed {
+		p.metrics.forgetRule(rs.rule)
+		probes = probes || rs.rule.Probe != nil
+	}
+	// From here on p.rules is what s serves; attachPins still sees the
+	// rules replaced, through the states it is given.
+	replaced := make([]*ruleState, len(fresh))
+	for i, c := range d.changed {
+		replaced[i] = c.old
+	}
+	gone := make([]string, 0, len(d.removed))
+	for _, rs := range d.removed {
+		gone = append(gone, rs.rule.Name)
+	}
+	p.attachPins(fresh, replaced, gone)
+	for _, rs := range d.removed {
+		delete(p.rules, rs.rule.Name)
+	}
+	for _, rs := range fresh {
+		p.rules[rs.rule.Name] = rs
+	}
+	if probes {
+		// Probers start (Up) before the pools are built so that every pool
+		// sees a known status; unchanged targets keep theirs.
+		byTarget := map[health.Target][]*ruleState{}
+		var targets []health.Target
+		for _, rs := range p.rules {
+			if rs.rule.Probe == nil {
+				continue
+			}
+			for _, b := range rs.rule.Backends {
+				if t, ok := probeTarget(rs.rule, b.Addr); ok {
+					if byTarget[t] == nil {
+						targets = append(targets, t)
+					}
+					byTarget[t] = append(byTarget[t], rs)
 				}
-				byTarget[t] = append(byTarget[t], rs)
 			}
 		}
-	}
-	for name, rs := range p.rules {
-		if _, ok := rules[name]; !ok {
-			p.metrics.forgetRule(rs.rule)
+		if err := p.monitor.Update(targets); err != nil {
+			p.log.Error(err, "some health probes could not start")
 		}
+		p.byTarget.Store(&byTarget)
 	}
-	// Probers start (Up) before the pools are built so that every pool sees
-	// a known status; unchanged targets keep theirs.
-	if err := p.monitor.Update(targets); err != nil {
-		p.log.Error(err, "some health probes could not start")
-	}
-	p.byTarget.Store(&byTarget)
-	p.attachPins(rules)
 	for _, rs := range fresh {
 		rs.rebuild(p.monitor.Status, p.metrics)
 		// Before the rule serves its new pool: pins that now differ from
 		// the table go to the peers.
 		p.reconcilePins(rs, 0)
 	}
-	p.publishPins(rules) // every pool is built: peers may use them
+	p.publishPins(fresh, gone) // every pool is built: peers may use them
 
-	failed = map[string]error{}
-	want := map[snapshot.ListenerKey]*ruleState{}
-	for _, rs := range rules {
+	// Listeners: those of the rules gone or replaced are released, those of
+	// the new states claimed; a listener kept switches to its new state.
+	var released []snapshot.ListenerKey
+	for _, rs := range d.removed {
+		released = p.release(released, rs)
+	}
+	for _, c := range d.changed {
+		if c.old != nil {
+			released = p.release(released, c.old)
+		}
+	}
+	for _, rs := range fresh {
 		for _, k := range rs.rule.Listeners() {
-			want[k] = rs
+			p.want[k] = rs
+			p.unbound[k] = rs
 		}
 	}
-	for k, l := range p.listeners {
-		if _, ok := want[k]; !ok {
-			l.close()
-			delete(p.listeners, k)
+	for _, k := range released {
+		if l, ok := p.listeners[k]; ok {
+			if _, wanted := p.want[k]; !wanted {
+				l.close()
+				delete(p.listeners, k)
+			}
 		}
 	}
-	for k, rs := range want {
+	failed = map[string]error{}
+	for k, rs := range p.unbound {
 		if l, ok := p.listeners[k]; ok {
 			l.serve(rs)
+			delete(p.unbound, k)
 			continue
 		}
 		l, err := p.listen(k)
@@ -336,11 +380,116 @@ func (p *Proxy) Apply(s *snapshot.Snapshot) (failed map[string]error, err error)
 		}
 		p.listeners[k] = l
 		l.serve(rs)
+		delete(p.unbound, k)
 	}
-	p.rules = rules
 	p.current = s
 	p.metrics.version.Set(float64(s.Version))
 	return failed, nil
+}
+
+// ruleChange is a rule of a snapshot that Apply must build a state for:
+// new, or different from the one served (old).
+type ruleChange struct {
+	rule *snapshot.Rule
+	old  *ruleState
+}
+
+// applyDiff is what a snapshot changes in what the proxy serves.
+type applyDiff struct {
+	changed []ruleChange
+	removed []*ruleState
+}
+
+// diff compares s with the rules served, and validates it as
+// snapshot.Validate does: the rules that did not change were valid when
+// they were applied, so only the changed ones are checked, against the
+// listeners the others keep. It changes nothing.
+func (p *Proxy) diff(s *snapshot.Snapshot) (applyDiff, error) {
+	var d applyDiff
+	sorted := true
+	matched := 0
+	for i := range s.Rules {
+		r := &s.Rules[i]
+		if i > 0 && s.Rules[i-1].Name >= r.Name {
+			sorted = false
+		}
+		rs, ok := p.rules[r.Name]
+		if ok {
+			matched++
+			if rs.rule.Equal(r) {
+				continue
+			}
+		}
+		if r.Port == 0 || len(r.Protocols) == 0 || !r.Bind.IsValid() {
+			return applyDiff{}, fmt.Errorf("rule %s: needs a bind address, a port and a protocol", r.Name)
+		}
+		d.changed = append(d.changed, ruleChange{rule: r, old: rs})
+	}
+	var names map[string]struct{}
+	if !sorted {
+		// Rules out of order (the snapshot package sorts them): find
+		// duplicates and removals with a set.
+		names = make(map[string]struct{}, len(s.Rules))
+		for i := range s.Rules {
+			if _, dup := names[s.Rules[i].Name]; dup {
+				return applyDiff{}, fmt.Errorf("rule %s is in the snapshot twice", s.Rules[i].Name)
+			}
+			names[s.Rules[i].Name] = struct{}{}
+		}
+	}
+	if matched < len(p.rules) {
+		for name, rs := range p.rules {
+			var in bool
+			if sorted {
+				_, in = s.Rule(name)
+			} else {
+				_, in = names[name]
+			}
+			if !in {
+				d.removed = append(d.removed, rs)
+			}
+		}
+	}
+
+	// Listener claims: a changed rule may take a listener no rule that
+	// stays holds, and no other changed rule.
+	released := make(map[*ruleState]bool, len(d.changed)+len(d.removed))
+	for _, rs := range d.removed {
+		released[rs] = true
+	}
+	for _, c := range d.changed {
+		if c.old != nil {
+			released[c.old] = true
+		}
+	}
+	claimed := make(map[snapshot.ListenerKey]string, len(d.changed))
+	for _, c := range d.changed {
+		for _, k := range c.rule.Listeners() {
+			if owner, ok := p.want[k]; ok && !released[owner] {
+				return applyDiff{}, fmt.Errorf("rules %s and %s both listen on %s", owner.rule.Name, c.rule.Name, k)
+			}
+			if owner, ok := claimed[k]; ok {
+				return applyDiff{}, fmt.Errorf("rules %s and %s both listen on %s", owner, c.rule.Name, k)
+			}
+			claimed[k] = c.rule.Name
+		}
+	}
+	return d, nil
+}
+
+// release gives up the listeners rs wanted, appending them to keys; the
+// ones a new state claims again stay open (Apply closes the others).
+func (p *Proxy) release(keys []snapshot.ListenerKey, rs *ruleState) []snapshot.ListenerKey {
+	for _, k := range rs.rule.Listeners() {
+		if p.want[k] == rs {
+			delete(p.want, k)
+			keys = append(keys, k)
+		}
+		if p.unbound[k] == rs {
+			delete(p.unbound, k)
+		}
+	}
+	return keys
 }
 
 func (p *Proxy) forgetRemovedBackends(old, cur *snapshot.Rule) {
