@@ -23,15 +23,27 @@ type udpLoop struct {
 	inIo [udpBatch]unix.Iovec
 	inSA [udpBatch]unix.RawSockaddrInet6
 	sess [udpBatch]*udpSession
-	// fwd is one session's datagrams of the batch, towards its backend.
-	fwd   [udpBatch]mmsghdr
-	fwdIo [udpBatch]unix.Iovec
+	// fwdIo is one session's datagrams of the batch, towards its backend.
+	fwdIo   [udpBatch]unix.Iovec
+	fwdSess [udpBatch]*udpSession
 	// out holds replies read from the sessions' sockets, each addressed to
 	// its client (the session's name), until flush sends them.
 	out     [udpBatch]mmsghdr
 	outIo   [udpBatch]unix.Iovec
 	outSess [udpBatch]*udpSession
 	outN    int
+
+	// msgs are the messages send makes of datagrams: one each, or with
+	// GSO one per run of datagrams of one size to one destination. first
+	// and end delimit each message's datagrams; ctl holds its UDP_SEGMENT.
+	msgs       [udpBatch]mmsghdr
+	first, end [udpBatch]int
+	ctl        [udpBatch][4]uint64
+	sent       [udpBatch]bool // by datagram, after send
+	// gso is whether send may use UDP_SEGMENT; gsoFails counts its
+	// failures since its last success, to give it up on a kernel without it.
+	gso      bool
+	gsoFails int
 
 	mem []byte
 }
@@ -45,7 +57,7 @@ func (l *loop) udpState() *udpLoop {
 }
 
 func newUDPLoop() *udpLoop {
-	u := &udpLoop{}
+	u := &udpLoop{gso: udpGSO}
 	mem, err := unix.Mmap(-1, 0, 2*udpBatch*maxDatagram, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
 	if err != nil {
 		// Without the mapping, from the Go heap: the same, resident.
@@ -60,8 +72,6 @@ func newUDPLoop() *udpLoop {
 		u.outIo[i].Base = &mem[(udpBatch+i)*maxDatagram]
 		u.out[i].hdr.Iov = &u.outIo[i]
 		u.out[i].hdr.Iovlen = 1
-		u.fwd[i].hdr.Iov = &u.fwdIo[i]
-		u.fwd[i].hdr.Iovlen = 1
 	}
 	return u
 }
@@ -136,39 +146,23 @@ func (u *udpLoop) readClients(lp *loop, pt *udpPort) {
 	}
 }
 
-// forward sends the first k datagrams of u.fwd on s's socket.
+// forward sends the first k datagrams of u.fwdIo on s's socket.
 func (u *udpLoop) forward(s *udpSession, k int) {
-	sent, bytes := 0, 0
-	refused := false
-	for sent < k {
-		var n int
-		var err error
-		if k-sent == 1 {
-			var w int
-			w, err = sysWrite(s.fd, unsafe.Slice(u.fwdIo[sent].Base, u.fwdIo[sent].Len))
-			if err == nil && w >= 0 {
-				n = 1
-			}
-		} else {
-			n, err = sysSendmmsg(s.fd, u.fwd[sent:k])
-		}
-		if err != nil {
-			// ECONNREFUSED reports an ICMP error from the backend and
-			// sends nothing: the error is consumed, try once more.
-			if err == unix.ECONNREFUSED && !refused {
-				refused = true
-				continue
-			}
-			break // the rest of the batch is dropped, as a network would
-		}
-		for i := sent; i < sent+n; i++ {
+	for i := range k {
+		u.fwdSess[i] = s
+	}
+	u.send(s.fd, u.fwdIo[:k], u.fwdSess[:k], false)
+	packets, bytes := 0, 0
+	for i := range k {
+		if u.sent[i] {
+			packets++
 			bytes += int(u.fwdIo[i].Len)
 		}
-		sent += n
 	}
-	if sent > 0 {
+	clear(u.fwdSess[:k])
+	if packets > 0 {
 		m := s.b.m()
-		m.packetsIn.Add(float64(sent))
+		m.packetsIn.Add(float64(packets))
 		m.bytesIn.Add(float64(bytes))
 	}
 }
@@ -230,36 +224,130 @@ func (u *udpLoop) flush() {
 		for j < u.outN && u.outSess[j].port.fd == fd {
 			j++
 		}
-		for i < j {
-			n, err := sysSendmmsg(fd, u.out[i:j])
-			if err != nil {
-				if err == unix.EAGAIN || err == unix.ENOBUFS {
-					i = j // the socket's buffer is full: drop, as a network would
-				} else {
-					i++ // this datagram cannot go (its client's address); the next may
-				}
-				continue
-			}
-			u.count(i, i+n)
-			i += n
-		}
+		u.send(fd, u.outIo[i:j], u.outSess[i:j], true)
+		u.count(i, j)
+		i = j
 	}
 	clear(u.outSess[:u.outN])
 	u.outN = 0
 }
 
-// count adds the replies out[from:to], sent, to their backends' metrics.
+// count adds the replies out[from:to] that send sent (u.sent, indexed from
+// from) to their backends' metrics.
 func (u *udpLoop) count(from, to int) {
-	for from < to {
-		s := u.outSess[from]
+	for i := from; i < to; {
+		s := u.outSess[i]
 		packets, bytes := 0, 0
-		for ; from < to && u.outSess[from] == s; from++ {
-			packets++
-			bytes += int(u.out[from].n)
+		for ; i < to && u.outSess[i] == s; i++ {
+			if u.sent[i-from] {
+				packets++
+				bytes += int(u.out[i].n)
+			}
 		}
-		m := s.b.m()
-		m.packetsOut.Add(float64(packets))
-		m.bytesOut.Add(float64(bytes))
+		if packets > 0 {
+			m := s.b.m()
+			m.packetsOut.Add(float64(packets))
+			m.bytesOut.Add(float64(bytes))
+		}
+	}
+}
+
+// udpGSO is whether loops send runs of same-sized datagrams to one
+// destination as one message with UDP_SEGMENT (generic segmentation
+// offload): the kernel routes and queues them once and cuts them into
+// the same datagrams only on the way out, or on delivery on this host.
+var udpGSO = true
+
+const (
+	// udpMaxSegments is the kernel's limit of segments per GSO message.
+	udpMaxSegments = 64
+	// gsoMaxBytes keeps a GSO message under UDP's 64 KiB length limit.
+	gsoMaxBytes = 60000
+	// gsoGiveUp is how many failed GSO messages in a row, with no success
+	// in between, make a loop stop trying.
+	gsoGiveUp = 16
+)
+
+// send sends each datagram dg[i] on fd: to sess[i]'s client when named,
+// else to where fd is connected. It records which were sent in u.sent
+// (by index in dg). A datagram the network cannot take now is dropped, as
+// a network would; ECONNREFUSED (an ICMP error from a connected peer,
+// consumed by the call that reports it) is retried once.
+func (u *udpLoop) send(fd int, dg []unix.Iovec, sess []*udpSession, named bool) {
+	n := len(dg)
+	clear(u.sent[:n])
+	refused := false
+	noGSO := 0 // datagrams before this index go one per message
+	for d := 0; d < n; {
+		// Plan the messages for dg[d:].
+		m := 0
+		for i := d; i < n; m++ {
+			j := i + 1
+			if u.gso && i >= noGSO && dg[i].Len > 0 {
+				// An empty datagram is never a segment: it would vanish.
+				size, total := dg[i].Len, dg[i].Len
+				for j < n && j-i < udpMaxSegments && sess[j] == sess[i] && dg[j].Len > 0 && dg[j].Len <= size && total+dg[j].Len <= gsoMaxBytes {
+					total += dg[j].Len
+					j++
+					if dg[j-1].Len < size {
+						break // only the last segment may be shorter
+					}
+				}
+			}
+			h := &u.msgs[m].hdr
+			h.Iov = &dg[i]
+			h.SetIovlen(j - i)
+			h.Name, h.Namelen = nil, 0
+			if named {
+				h.Name, h.Namelen = (*byte)(unsafe.Pointer(&sess[i].name)), sess[i].namelen
+			}
+			h.Control, h.Controllen = nil, 0
+			if j-i > 1 {
+				c := &u.ctl[m]
+				ch := (*unix.Cmsghdr)(unsafe.Pointer(c))
+				ch.Level, ch.Type = unix.SOL_UDP, unix.UDP_SEGMENT
+				ch.SetLen(unix.CmsgLen(2))
+				*(*uint16)(unsafe.Add(unsafe.Pointer(c), unix.CmsgLen(0))) = uint16(dg[i].Len)
+				h.Control = (*byte)(unsafe.Pointer(c))
+				h.SetControllen(unix.CmsgSpace(2))
+			}
+			h.Flags = 0
+			u.first[m], u.end[m] = i, j
+			i = j
+		}
+		// Send them.
+		replan := false
+		for k := 0; k < m && !replan; {
+			c, err := sysSendmmsg(fd, u.msgs[k:m])
+			switch {
+			case err == nil:
+				for x := k; x < k+c; x++ {
+					for i := u.first[x]; i < u.end[x]; i++ {
+						u.sent[i] = true
+					}
+					if u.end[x]-u.first[x] > 1 {
+						u.gsoFails = 0
+					}
+				}
+				k += c
+			case err == unix.ECONNREFUSED && !refused:
+				refused = true
+			case err == unix.EAGAIN || err == unix.ENOBUFS:
+				return // the socket's buffer is full
+			case u.end[k]-u.first[k] > 1:
+				// The kernel would not segment this one (no GSO, or a path
+				// that cannot take it): its datagrams go one by one.
+				if u.gsoFails++; u.gsoFails >= gsoGiveUp {
+					u.gso = false
+				}
+				d, noGSO, replan = u.first[k], u.end[k], true
+			default:
+				k++ // this datagram cannot go (its address?); the next may
+			}
+			if !replan && k == m {
+				d = n
+			}
+		}
 	}
 }
 

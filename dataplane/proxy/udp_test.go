@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/stickylb/stickylb/dataplane/snapshot"
 )
 
@@ -154,6 +156,16 @@ func oneBackend(names []string) (string, error) {
 
 func TestUDPBatches(t *testing.T) {
 	backends := startUDPEchoes(t, 3, 9031)
+	for _, gso := range []bool{true, false} {
+		t.Run(fmt.Sprintf("gso=%v", gso), func(t *testing.T) {
+			defer func(was bool) { udpGSO = was }(udpGSO)
+			udpGSO = gso
+			testUDPBatches(t, backends)
+		})
+	}
+}
+
+func testUDPBatches(t *testing.T, backends []*udpEcho) {
 	port := freePort(t)
 	p := newProxy(t, Options{})
 	p.apply(t, udpRule("batch", port, backends))
@@ -174,6 +186,23 @@ func TestUDPBatches(t *testing.T) {
 		c := udpClient(t, clientIP(2), port)
 		_ = c.SetReadBuffer(4 << 20)
 		msgs := numbered(3*udpBatch+5, 100)
+		names, got := udpBurst(t, c, msgs, 2*time.Second)
+		if err := sameSet(got, msgs); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := oneBackend(names); err != nil {
+			t.Fatal(err)
+		}
+	})
+
+	t.Run("runs of sizes, shorter ones and empty ones", func(t *testing.T) {
+		c := udpClient(t, clientIP(4), port)
+		_ = c.SetReadBuffer(4 << 20)
+		var msgs [][]byte
+		for i, size := range []int{300, 300, 300, 120, 0, 0, 300, 500, 500, 0, 64, 64, 64, 64, 63, 64, 1, 1} {
+			m := bytes.Repeat([]byte{byte('a' + i)}, size)
+			msgs = append(msgs, m)
+		}
 		names, got := udpBurst(t, c, msgs, 2*time.Second)
 		if err := sameSet(got, msgs); err != nil {
 			t.Fatal(err)
@@ -394,5 +423,111 @@ func TestUDPCapsAndIdleAcrossLoops(t *testing.T) {
 	eventually(t, time.Second, "replies counted", func() bool { return packets("out") == packets("in") })
 	if in := packets("in"); in < 14 {
 		t.Errorf("packet_count{in} = %v, want at least 14", in)
+	}
+}
+
+// holdLoops stops every loop of p until release is called: datagrams
+// queue meanwhile, and the next read takes them in one batch.
+func holdLoops(p *testProxy) (release func()) {
+	gate := make(chan struct{})
+	var held sync.WaitGroup
+	for _, lp := range p.loops {
+		held.Add(1)
+		lp.post(func() {
+			held.Done()
+			<-gate
+		})
+	}
+	held.Wait()
+	return func() { close(gate) }
+}
+
+// TestUDPWholeBatches makes the proxy read a client's burst in one batch
+// and its backend's replies in another, so that the sending side of each
+// sees whole runs of one destination: runs of one size, shorter last
+// datagrams, and empty datagrams, which must never become segments.
+func TestUDPWholeBatches(t *testing.T) {
+	sizes := []int{300, 300, 300, 120, 0, 0, 300, 500, 500, 0, 64, 64, 64, 64, 63, 64, 1, 1, 0}
+	for _, tc := range []struct {
+		name          string
+		gso, gsoFails bool
+	}{{"gso", true, false}, {"no gso", false, false}, {"gso refused by the kernel", true, true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			defer func(was bool) { udpGSO = was }(udpGSO)
+			udpGSO = tc.gso
+			port := freePort(t)
+			// The backend answers only once it has the whole burst, while
+			// the proxy is held.
+			back := netip.AddrPortFrom(netip.MustParseAddr("127.0.1.1"), 9034)
+			bc, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(back))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer bc.Close()
+			p := newProxy(t, Options{})
+			r := rule("whole", port, nil, protocols(snapshot.UDP))
+			r.Backends = []snapshot.Backend{{Addr: back}}
+			p.apply(t, r)
+			if tc.gsoFails {
+				// Without UDP checksums the kernel refuses GSO (EINVAL):
+				// the replies must go one by one instead.
+				for _, l := range p.listeners {
+					for _, pt := range l.(*udpListener).ports {
+						if err := unix.SetsockoptInt(pt.fd, unix.SOL_SOCKET, unix.SO_NO_CHECK, 1); err != nil {
+							t.Fatal(err)
+						}
+					}
+				}
+			}
+
+			c := udpClient(t, clientIP(5), port)
+			_ = c.SetReadBuffer(4 << 20)
+			var msgs [][]byte
+			for i, size := range sizes {
+				msgs = append(msgs, bytes.Repeat([]byte{byte('a' + i)}, size))
+			}
+			release := holdLoops(p)
+			for _, m := range msgs {
+				if _, err := c.Write(m); err != nil {
+					t.Fatal(err)
+				}
+			}
+			release()
+			// The backend reads the burst as it came.
+			buf := make([]byte, 64<<10)
+			var got [][]byte
+			var from netip.AddrPort
+			_ = bc.SetReadDeadline(time.Now().Add(2 * time.Second))
+			for range msgs {
+				n, f, err := bc.ReadFromUDPAddrPort(buf)
+				if err != nil {
+					t.Fatalf("backend: %d of %d datagrams: %v", len(got), len(msgs), err)
+				}
+				got, from = append(got, bytes.Clone(buf[:n])), f
+			}
+			for i := range msgs {
+				if !bytes.Equal(got[i], msgs[i]) {
+					t.Fatalf("backend's datagram %d: %d bytes %q..., want %d bytes", i, len(got[i]), got[i][:min(len(got[i]), 4)], len(msgs[i]))
+				}
+			}
+			// Its replies wait on the session's socket until the proxy reads them all at once.
+			release = holdLoops(p)
+			for _, m := range msgs {
+				if _, err := bc.WriteToUDPAddrPort(m, from); err != nil {
+					t.Fatal(err)
+				}
+			}
+			release()
+			_ = c.SetReadDeadline(time.Now().Add(2 * time.Second))
+			for i := range msgs {
+				n, err := c.Read(buf)
+				if err != nil {
+					t.Fatalf("client: %d of %d replies: %v", i, len(msgs), err)
+				}
+				if !bytes.Equal(buf[:n], msgs[i]) {
+					t.Fatalf("client's reply %d: %d bytes, want %d", i, n, len(msgs[i]))
+				}
+			}
+		})
 	}
 }
