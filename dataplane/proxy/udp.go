@@ -32,6 +32,9 @@ import (
 // memory only once a datagram that long has used it.
 const maxDatagram = 64 << 10
 
+// udpReceiveBuffer is the receive buffer asked for each frontend socket.
+const udpReceiveBuffer = 1 << 20
+
 // udpBatch is the most datagrams one recvmmsg or sendmmsg moves.
 const udpBatch = 32
 
@@ -97,6 +100,9 @@ func udpListenSocket(a netip.AddrPort, reusePort bool) (int, error) {
 				return opErr("setsockopt", err)
 			}
 		}
+		// Room for a burst from many clients (1 MiB, as far as
+		// net.core.rmem_max allows): past it the kernel drops datagrams.
+		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, udpReceiveBuffer)
 		if family == unix.AF_INET6 {
 			v6only := 1
 			if a.Addr().IsUnspecified() {

@@ -6,10 +6,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/netip"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -92,19 +94,26 @@ func (r *runner) measurements() []measurement {
 			{Key: "idle_rss", Label: fmt.Sprintf("idle TCP conns (%d), RSS", r.idleConns), Unit: "KiB/conn", Better: lower, Prec: 2},
 			{Key: "idle_fds", Label: fmt.Sprintf("idle TCP conns (%d), fds", r.idleConns), Unit: "fds/conn", Better: lower, Prec: 2},
 		}, run: (*runner).idle},
-		{name: "udp", udp: true, rows: []row{{Key: "udp_rate", Label: fmt.Sprintf("UDP echo %d B, %d sources × %d in flight", udpSize, udpSockets, udpWindow), Unit: "datagrams/s", Better: higher, Prec: 0}},
+		{name: "udp", udp: true, rows: []row{{Key: "udp_rate", Label: fmt.Sprintf("UDP echo %d B, %d sources × %d in flight", udpSize, udpSockets, udpWindow), Unit: "datagrams/s", Better: higher, Prec: 0}, udpCPURow("udp_cpu")},
 			run: func(r *runner, s *session) ([]float64, error) {
 				return r.udpRate(s, udpLoad{sources: udpSources, sockets: udpSockets, window: udpWindow, size: udpSize})
 			}},
-		{name: "udp1000", udp: true, rows: []row{{Key: "udp_rate_1000", Label: fmt.Sprintf("UDP echo %d B, %d sources × %d in flight", udpSize, udpManySockets, udpManyWindow), Unit: "datagrams/s", Better: higher, Prec: 0}},
+		{name: "udp1000", udp: true, rows: []row{{Key: "udp_rate_1000", Label: fmt.Sprintf("UDP echo %d B, %d sources × %d in flight", udpSize, udpManySockets, udpManyWindow), Unit: "datagrams/s", Better: higher, Prec: 0}, udpCPURow("udp_cpu_1000")},
 			run: func(r *runner, s *session) ([]float64, error) {
 				return r.udpRate(s, udpLoad{sources: udpManySources, sockets: udpManySockets, window: udpManyWindow, size: udpSize})
 			}},
-		{name: "udp1400", udp: true, rows: []row{{Key: "udp_rate_1400", Label: fmt.Sprintf("UDP echo %d B, %d sources × %d in flight", udpLargeSize, udpSockets, udpWindow), Unit: "datagrams/s", Better: higher, Prec: 0}},
+		{name: "udp1400", udp: true, rows: []row{{Key: "udp_rate_1400", Label: fmt.Sprintf("UDP echo %d B, %d sources × %d in flight", udpLargeSize, udpSockets, udpWindow), Unit: "datagrams/s", Better: higher, Prec: 0}, udpCPURow("udp_cpu_1400")},
 			run: func(r *runner, s *session) ([]float64, error) {
 				return r.udpRate(s, udpLoad{sources: udpSources, sockets: udpSockets, window: udpWindow, size: udpLargeSize})
 			}},
 	}
+}
+
+// udpCPURow is the proxy's CPU time per echoed datagram (both directions,
+// user and system, the process and its children) over a UDP test's window:
+// on a shared machine it moves less than the rate does.
+func udpCPURow(key string) row {
+	return row{Key: key, Label: "  proxy CPU per echo", Unit: "µs", Better: lower, Prec: 2}
 }
 
 // selected returns the measurements -tests names, all by default.
@@ -560,7 +569,8 @@ func (r *runner) udpRate(s *session, ld udpLoad) ([]float64, error) {
 	for i, c := range conns {
 		wg.Go(func() {
 			msg, buf := bytes.Repeat([]byte{'u'}, ld.size), make([]byte, 2048)
-			inFlight, reads := 0, 0
+			inFlight := 0
+			var renewed time.Time
 			for !stopping.Load() {
 				for ; inFlight < ld.window; inFlight++ {
 					if _, err := c.Write(msg); err != nil {
@@ -570,16 +580,20 @@ func (r *runner) udpRate(s *session, ld udpLoad) ([]float64, error) {
 						return
 					}
 				}
-				// A deadline per read costs as much as the echo: renew it now and then.
-				if reads%64 == 0 {
-					_ = c.SetReadDeadline(time.Now().Add(250 * time.Millisecond))
+				// A deadline per read costs as much as the echo: renew it
+				// now and then, so that it is always 150-250 ms away (with
+				// a source that echoes only tens of times a second, as with
+				// 1,000 sources, a renewal every so many reads would let it
+				// expire under a datagram still on its way).
+				if now := time.Now(); now.Sub(renewed) > 100*time.Millisecond {
+					_ = c.SetReadDeadline(now.Add(250 * time.Millisecond))
+					renewed = now
 				}
-				reads++
 				n, err := c.Read(buf)
 				if err != nil {
 					if ne, ok := errors.AsType[net.Error](err); ok && ne.Timeout() {
 						lost[i].n.Add(int64(inFlight))
-						inFlight, reads = 0, 0
+						inFlight, renewed = 0, time.Time{}
 						continue
 					}
 					if !stopping.Load() {
@@ -600,7 +614,16 @@ func (r *runner) udpRate(s *session, ld udpLoad) ([]float64, error) {
 		})
 	}
 	l0 := lost.sum()
-	n, elapsed, err := r.sample(failed, echoed.sum)
+	// sample reads the counter when the window opens and when it closes:
+	// the proxy's CPU time is read at the same moments.
+	var cpu []int64
+	counter := func() int64 {
+		if pid := s.pid(); pid > 0 {
+			cpu = append(cpu, processTreeTicks(pid))
+		}
+		return echoed.sum()
+	}
+	n, elapsed, err := r.sample(failed, counter)
 	stopping.Store(true)
 	wg.Wait()
 	if err != nil {
@@ -609,7 +632,55 @@ func (r *runner) udpRate(s *session, ld udpLoad) ([]float64, error) {
 	if l := lost.sum() - l0; l > 0 {
 		r.note("%s UDP %d B × %d sources, round %d: %d datagrams unanswered within 250 ms", s.name(), ld.size, ld.sockets, r.round, l)
 	}
-	return []float64{float64(n) / elapsed.Seconds()}, nil
+	perDatagram := math.NaN() // n/a: no proxy
+	if len(cpu) == 2 && n > 0 && cpu[0] >= 0 && cpu[1] >= 0 {
+		perDatagram = float64(cpu[1]-cpu[0]) * 1e6 / float64(clockTicks) / float64(n)
+	}
+	return []float64{float64(n) / elapsed.Seconds(), perDatagram}, nil
+}
+
+// clockTicks is the kernel's USER_HZ, the unit of /proc/PID/stat's times.
+const clockTicks = 100
+
+// processTreeTicks is the CPU time (user and system, in clock ticks) of a
+// process and its children (nginx's workers), -1 if unreadable.
+func processTreeTicks(pid int) int64 {
+	total, ok := int64(0), false
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		p, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		// After the command's closing parenthesis: state, ppid, ... utime
+		// (field 14) and stime (15).
+		i := bytes.LastIndexByte(b, ')')
+		if i < 0 {
+			continue
+		}
+		f := strings.Fields(string(b[i+1:]))
+		if len(f) < 13 {
+			continue
+		}
+		ppid, _ := strconv.Atoi(f[1])
+		if p != pid && ppid != pid {
+			continue
+		}
+		ut, err1 := strconv.ParseInt(f[11], 10, 64)
+		st, err2 := strconv.ParseInt(f[12], 10, 64)
+		if err1 == nil && err2 == nil {
+			total += ut + st
+			ok = ok || p == pid
+		}
+	}
+	if !ok {
+		return -1
+	}
+	return total
 }
 
 var hello = []byte("hello")

@@ -75,6 +75,8 @@ func (res *results) record(m measurement, t *target, values []float64, err error
 			next.State = stateUnavailable
 		case err != nil:
 			next.State = stateFailed
+		case math.IsNaN(values[i]): // a row the target has no value for
+			next.State = stateNA
 		default:
 			next.Value = values[i]
 		}
@@ -402,6 +404,9 @@ func udpVsNginx(res *results, rw row, factor float64) verdictLine {
 	default:
 		v.result = passFail(s.Value >= factor*n.Value)
 		v.detail = fmt.Sprintf("stickylb %s vs nginx %s %s (%.2f×)", formatValue(s.Value, rw.Prec), formatValue(n.Value, rw.Prec), rw.Unit, s.Value/n.Value)
+		if sc, nc := res.get("udp_cpu", targetStickylb), res.get("udp_cpu", targetNginx); sc.State == stateOK && nc.State == stateOK {
+			v.detail += fmt.Sprintf("; CPU per echo %.2f vs %.2f µs", sc.Value, nc.Value)
+		}
 		for _, o := range []struct{ key, name string }{{"udp_rate_1000", "1,000 sources"}, {"udp_rate_1400", "1,400 B"}} {
 			so, no := res.get(o.key, targetStickylb), res.get(o.key, targetNginx)
 			if so.State == stateOK && no.State == stateOK && no.Value > 0 {

@@ -319,7 +319,8 @@ backend pool
 // proxy_responses: a session is not closed after so many replies). One
 // worker per CPU (auto), each with its own socket (reuseport, as nginx
 // recommends for UDP), so that a client's datagrams always reach the worker
-// that holds its session. It also listens on TCP on the same port, over
+// that holds its session; each socket with the 1 MiB receive buffer
+// stickylb asks for its own. It also listens on TCP on the same port, over
 // the same pool, only so that the driver can see it serve.
 func (r *runner) nginxConfig(bin, prefix string, port int) (string, error) {
 	module, err := nginxStreamModule(bin)
@@ -349,7 +350,7 @@ stream {
         hash $remote_addr consistent;
 %s    }
     server {
-        listen 127.0.0.1:%d udp reuseport;
+        listen 127.0.0.1:%d udp reuseport rcvbuf=1m;
         proxy_pass pool;
         proxy_timeout 5m;
     }
