@@ -50,11 +50,31 @@ type RuleReconciler struct {
 	// Replicas, when set, makes Programmed and the healthy count speak for
 	// every dataplane replica that counts (their reports), not only this one.
 	Replicas *Replicas
+
+	// frontendIndexed: SetupWithManager indexed the manager's cache by
+	// frontend (indexFrontend), and Client reads from that cache.
+	frontendIndexed bool
 }
+
+// indexFrontend indexes rules by the name of their frontend, so that a
+// frontend's sync reads its own rules rather than every rule of its
+// namespace (at 10,000 rules in one namespace, each reconcile copied them
+// all).
+const indexFrontend = "lb.stickylb.io/frontend"
 
 // SetupWithManager watches rules, the dataplane's changes and the frontend
 // Services it owns.
 func (r *RuleReconciler) SetupWithManager(mgr ctrl.Manager, extra ...func(*ctrl.Builder) *ctrl.Builder) error {
+	if err := mgr.GetFieldIndexer().IndexField(context.Background(), &lbv1alpha1.LoadBalancerRule{}, indexFrontend,
+		func(o client.Object) []string {
+			if r, ok := o.(*lbv1alpha1.LoadBalancerRule); ok {
+				return []string{frontendOf(r)}
+			}
+			return nil
+		}); err != nil {
+		return err
+	}
+	r.frontendIndexed = true
 	b := ctrl.NewControllerManagedBy(mgr).
 		Named("loadbalancerrule").
 		For(&lbv1alpha1.LoadBalancerRule{}).
@@ -250,7 +270,11 @@ func (r *RuleReconciler) recordTransitions(rule *lbv1alpha1.LoadBalancerRule, ne
 // accepted rules.
 func (r *RuleReconciler) syncFrontend(ctx context.Context, namespace, frontend string) (*corev1.Service, error) {
 	var rules lbv1alpha1.LoadBalancerRuleList
-	if err := r.Client.List(ctx, &rules, client.InNamespace(namespace), client.UnsafeDisableDeepCopy); err != nil {
+	opts := []client.ListOption{client.InNamespace(namespace), client.UnsafeDisableDeepCopy}
+	if r.frontendIndexed {
+		opts = append(opts, client.MatchingFields{indexFrontend: frontend})
+	}
+	if err := r.Client.List(ctx, &rules, opts...); err != nil {
 		return nil, err
 	}
 	state := r.Dataplane.State()
