@@ -394,6 +394,9 @@ func (d *Dataplane) Reconcile(ctx context.Context, _ reconcile.Request) (reconci
 	if d.lastSnap == nil || !sameRules(d.lastSnap, &snap) || len(prev.ListenErrors) > 0 {
 		failed, err := d.Proxy.Apply(&snap)
 		if err != nil {
+			// What this Build found changed would be lost: start again from
+			// a full list, which reports every rule.
+			d.inc = nil
 			return reconcile.Result{}, err
 		}
 		d.version = snap.Version

@@ -2,7 +2,9 @@
 // EndpointSlices they refer to into the dataplane's Snapshot, and tells for
 // each rule whether it was accepted and how many backends it has.
 //
-// It is pure: the same objects, in any order, give the same Snapshot.
+// Translate is pure: the same objects, in any order, give the same
+// Snapshot. Incremental gives the same outcome one change at a time,
+// translating again only the rules a change feeds.
 package translate
 
 import (
