@@ -169,7 +169,7 @@ func (p *Proxy) choose(rs *ruleState, dst []*backend, hash uint64, client netip.
 	}
 	now := pins.Now()
 	if key, ok := t.Lookup(hash, now); ok {
-		if b := pl.byPin[key]; b != nil {
+		if b := pl.byPin(key); b != nil {
 			dst = append(dst, b)
 			if n > 1 {
 				var more [maxDialAttempts]*backend
@@ -213,11 +213,11 @@ func (pl *pool) primary(key uint64) uint64 {
 	if len(pl.picks) == 0 {
 		return 0
 	}
-	return pl.picks[pl.table.Lookup(key)].pinKey
+	return pl.backends[pl.picks[pl.table.Lookup(key)]].pinKey
 }
 
 // takes reports whether the backend with this pin key takes new flows.
-func (pl *pool) takes(backend uint64) bool { return pl.byPin[backend] != nil }
+func (pl *pool) takes(backend uint64) bool { return pl.byPin(backend) != nil }
 
 // MergePins takes pins a peer sent for a rule. Where the peer's pin loses
 // to this replica's, this replica's goes back to the peers. Safe for

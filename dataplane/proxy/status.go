@@ -92,7 +92,7 @@ func (p *Proxy) View(rule string) (RuleView, error) {
 	}
 	share := make(map[*backend]float64, len(pl.picks))
 	for i, b := range pl.picks {
-		share[b] = float64(slots[i]) / float64(pl.table.Size())
+		share[&pl.backends[b]] = float64(slots[i]) / float64(pl.table.Size())
 	}
 	var pinned map[uint64]int
 	if rs.pins != nil {
@@ -103,8 +103,9 @@ func (p *Proxy) View(rule string) (RuleView, error) {
 	}
 	flows := p.flowsByBackend(rule)
 	for _, sb := range rs.rule.Backends {
-		b := rs.backends[sb.Addr]
-		bv := BackendView{Address: b.name, Draining: sb.Draining, Probe: ProbeNone, Share: share[b], Pinned: pinned[b.pinKey], Flows: flows[b.name]}
+		b := &rs.backends[rs.find(sb.Addr)]
+		name := sb.Addr.String()
+		bv := BackendView{Address: name, Draining: sb.Draining, Probe: ProbeNone, Share: share[b], Pinned: pinned[b.pinKey], Flows: flows[name]}
 		if t, ok := probeTarget(rs.rule, sb.Addr); ok {
 			switch up, known := p.monitor.Status(t); {
 			case !known:

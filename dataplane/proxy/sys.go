@@ -144,7 +144,7 @@ func addrPortOf(rsa *unix.RawSockaddrAny) netip.AddrPort {
 
 // rawSockaddr is an address in the kernel's layout. x/sys's Sockaddr types
 // write their raw form into themselves on every call, so one of them cannot
-// be shared between loops; this is built once and only read.
+// be shared between loops; this is made on the stack where it is used.
 type rawSockaddr struct {
 	v4  unix.RawSockaddrInet4
 	v6  unix.RawSockaddrInet6

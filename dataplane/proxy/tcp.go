@@ -363,12 +363,12 @@ func (f *tcpFlow) dialFailed(b *backend) {
 // connectSocket starts a non-blocking connection to b with congestion
 // control cc; the loop learns of its outcome from epoll.
 func connectSocket(b *backend, cc congestion) (int, error) {
-	fd, err := sysTCPSocket(b.sa.family())
+	fd, err := sysTCPSocket(b.family())
 	if err != nil {
 		return -1, err
 	}
 	cc.apply(fd)
-	if err := b.sa.connect(fd); err != nil && err != unix.EINPROGRESS {
+	if err := b.connect(fd); err != nil && err != unix.EINPROGRESS {
 		sysClose(fd)
 		return -1, err
 	}

@@ -182,9 +182,9 @@ func (pt *udpPort) newSession(lp *loop, rs *ruleState, pl *pool, client netip.Ad
 		return nil
 	}
 	b := picked[0]
-	fd, err := sysUDPSocket(b.sa.family())
+	fd, err := sysUDPSocket(b.family())
 	if err == nil {
-		if err = b.sa.connect(fd); err != nil {
+		if err = b.connect(fd); err != nil {
 			sysClose(fd)
 		}
 	}

@@ -111,7 +111,7 @@ func (u *udpLoop) readClients(lp *loop, pt *udpPort) {
 		if s != nil && s.pool != pl {
 			// The pool changed since this session last looked: it keeps its
 			// backend only if that backend is still in the pool and not probed down.
-			if _, ok := pl.alive[s.b.addr]; ok {
+			if pl.isAlive(s.b) {
 				s.pool = pl
 			} else {
 				s.end(lp)

@@ -64,12 +64,12 @@ func (p *Proxy) Where(rule string, client netip.Addr, proto snapshot.Protocol) (
 	if len(table) == 0 {
 		return a, nil
 	}
-	a.TablePick = table[0].name
+	a.TablePick = table[0].addr.String()
 	a.ProbeDownFallback = pl.healthy == 0
 	order := table
 	if rs.pins != nil {
 		if pin, ok := rs.pins.Get(hash, pins.Now()); ok {
-			if b := pl.byPin[pin.Backend]; b != nil {
+			if b := pl.byPin(pin.Backend); b != nil {
 				a.Pinned, a.Since = true, time.Unix(int64(pin.Since), 0).UTC()
 				a.Overrides = b != table[0]
 				order = append([]*backend{b}, withoutBackend(table, b)...)[:min(len(table), maxDialAttempts)]
@@ -77,7 +77,7 @@ func (p *Proxy) Where(rule string, client netip.Addr, proto snapshot.Protocol) (
 		}
 	}
 	for _, b := range order {
-		a.Backends = append(a.Backends, b.name)
+		a.Backends = append(a.Backends, b.addr.String())
 	}
 	return a, nil
 }
