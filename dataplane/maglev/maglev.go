@@ -32,6 +32,15 @@
 // different versions run side by side. The size rule above replaced a fixed
 // floor of 65537 slots, so replicas from before and after that change pick
 // different backends for most clients of the same pool until all are rolled.
+//
+// Keys. A table hashes the strings it is given and nothing else. The proxy
+// gives each backend's IP, not ip:port: the backends of one rule all
+// listen on its backendPort, so rules over the same pods on different ports
+// build one table and send a client (of one frontend, whose flow hash is
+// the same) to the same pod on each. A rule with two backends at one IP
+// keys them all by ip:port. The keys are part of the determinism contract
+// too: replicas from before IP keys (which hashed ip:port) and after them
+// pick different backends for most clients until all are rolled.
 package maglev
 
 import (

@@ -165,6 +165,8 @@ type ruleState struct {
 	// draining those of them that are terminating.
 	backends []backend
 	draining bitset
+	// portKeys: two backends share an IP, so the table keys them by ip:port.
+	portKeys bool
 }
 
 func newRuleState(r *snapshot.Rule, m *metrics) *ruleState {
@@ -199,7 +201,33 @@ func newRuleState(r *snapshot.Rule, m *metrics) *ruleState {
 			rs.draining.set(i)
 		}
 	}
+	rs.portKeys = sharesIP(r.Backends)
 	return rs
+}
+
+// sharesIP reports whether two of bs have the same IP.
+func sharesIP(bs []snapshot.Backend) bool {
+	sorted := true
+	for i := 1; i < len(bs) && sorted; i++ {
+		// A snapshot's backends are sorted by address: neighbours tell.
+		switch c := bs[i-1].Addr.Compare(bs[i].Addr); {
+		case c >= 0:
+			sorted = false
+		case bs[i-1].Addr.Addr() == bs[i].Addr.Addr():
+			return true
+		}
+	}
+	if sorted {
+		return false
+	}
+	ports := make(map[netip.Addr]uint16, len(bs))
+	for _, b := range bs {
+		if port, ok := ports[b.Addr.Addr()]; ok && port != b.Addr.Port() {
+			return true
+		}
+		ports[b.Addr.Addr()] = b.Addr.Port()
+	}
+	return false
 }
 
 // find is the index in rs.backends of the backend at addr, or -1.
@@ -214,8 +242,21 @@ func (rs *ruleState) find(addr netip.AddrPort) int {
 	return -1
 }
 
-// tableKey is the key backend b has in the rule's Maglev table.
-func (rs *ruleState) tableKey(b *backend) string { return b.addr.String() }
+// tableKey is the key backend b has in the rule's Maglev table: its IP, not
+// its port. Every backend of a rule translated from Kubernetes listens on
+// the rule's backendPort, so the port tells the backends apart no better
+// than the IP; keyed by IP, rules over the same pods on different ports (a
+// Service's TCP and UDP rules, several ports of one app) have the same
+// table, share it (tableCache), and send a client to the same pod on each
+// of them. A rule with two backends at one IP (a rules file may have one)
+// keys all its backends by ip:port. Pins name backends by ip:port either
+// way (pinKey).
+func (rs *ruleState) tableKey(b *backend) string {
+	if rs.portKeys {
+		return b.addr.String()
+	}
+	return b.addr.Addr().String()
+}
 
 // probeTarget is the health target of backend b under rule r, if r probes.
 func probeTarget(r *snapshot.Rule, b netip.AddrPort) (health.Target, bool) {

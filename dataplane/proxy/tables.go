@@ -12,9 +12,10 @@ import (
 )
 
 // sharedTables is the process's cache of Maglev tables: rules whose pools
-// hold the same backends get the same *maglev.Table. A table is immutable,
-// so sharing it is safe; only the table is shared, each rule keeps its own
-// backends (their metric series are per rule).
+// hold the same backend keys (their IPs; see ruleState.tableKey) get the
+// same *maglev.Table. A table is immutable, so sharing it is safe; only the
+// table is shared, each rule keeps its own backends (their metric series
+// are per rule).
 var sharedTables tableCache
 
 // tableCache hands out one table per distinct (backends, size). It holds
@@ -160,7 +161,7 @@ func newTableCollector(c *tableCache) *tableCollector {
 	}
 	return &tableCollector{
 		c:      c,
-		tables: d("maglev_tables", "Maglev lookup tables held by the process; rules with the same backends share one."),
+		tables: d("maglev_tables", "Maglev lookup tables held by the process; rules over the same backend IPs share one."),
 		slots:  d("maglev_table_slots", "Slots of all the Maglev lookup tables held by the process."),
 		bytes:  d("maglev_table_bytes", "Memory of the slots of all the Maglev lookup tables held by the process."),
 	}

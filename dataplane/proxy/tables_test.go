@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"fmt"
+	"net/netip"
 	"runtime"
 	"sync"
 	"testing"
@@ -12,6 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/stickylb/stickylb/dataplane/maglev"
+	"github.com/stickylb/stickylb/dataplane/snapshot"
 )
 
 func mustGet(t *testing.T, c *tableCache, backends ...string) *maglev.Table {
@@ -224,4 +226,76 @@ func TestTableCollector(t *testing.T) {
 		t.Errorf("bytes = %v, want %d", got, a.Bytes()+b.Bytes())
 	}
 	runtime.KeepAlive([]*maglev.Table{a, b})
+}
+
+// Rules over the same pods on different ports (a Service's TCP and UDP
+// rules, several ports of one app) key their tables by IP: they share one
+// table, and a client of their frontend gets the same pod on each.
+func TestRulesOverTheSamePodsShareATable(t *testing.T) {
+	p := newProxy(t, Options{})
+	onPort := func(port uint16) []*backendServer {
+		var bs []*backendServer
+		for i := range 5 {
+			ip := netip.AddrFrom4([4]byte{127, 0, 1, byte(i + 1)})
+			bs = append(bs, &backendServer{Name: ip.String(), Addr: netip.AddrPortFrom(ip, port)})
+		}
+		return bs
+	}
+	web := rule("web", freePort(t), onPort(8080))
+	dns := rule("dns", freePort(t), onPort(53), protocols(snapshot.UDP))
+	// Two backends at one IP: keyed by ip:port, so both stay in the table.
+	two := rule("two", freePort(t), append(onPort(8080)[:1], onPort(8081)[:1]...))
+	p.apply(t, web, dns, two)
+	pool := func(name string) *pool {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		return p.rules["default/"+name].pool.Load()
+	}
+	if pool("web").table != pool("dns").table {
+		t.Errorf("rules over the same pods on different ports hold different tables")
+	}
+	if tbl := pool("two").table; tbl.Len() != 2 || tbl.Backend(0) != "127.0.1.1:8080" || tbl.Backend(1) != "127.0.1.1:8081" {
+		t.Errorf("a rule with two backends at one IP: table of %d backends, first %q", tbl.Len(), tbl.Backend(0))
+	}
+	for i := range 200 {
+		client := clientIP(i)
+		a, err := p.Where("default/web", client, snapshot.TCP)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, err := p.Where("default/dns", client, snapshot.UDP)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pa, pb := netip.MustParseAddrPort(a.Backends[0]), netip.MustParseAddrPort(b.Backends[0])
+		if pa.Addr() != pb.Addr() || pa.Port() != 8080 || pb.Port() != 53 {
+			t.Fatalf("client %s: %s on web, %s on dns; want one pod", client, pa, pb)
+		}
+	}
+}
+
+func TestSharesIP(t *testing.T) {
+	be := func(addrs ...string) []snapshot.Backend {
+		var bs []snapshot.Backend
+		for _, a := range addrs {
+			bs = append(bs, snapshot.Backend{Addr: netip.MustParseAddrPort(a)})
+		}
+		return bs
+	}
+	for _, tc := range []struct {
+		bs   []snapshot.Backend
+		want bool
+	}{
+		{be(), false},
+		{be("10.0.0.1:80", "10.0.0.2:80"), false},
+		{be("10.0.0.1:80", "10.0.0.1:81"), true},
+		{be("10.0.0.2:80", "10.0.0.1:80"), false},                // not sorted
+		{be("10.0.0.1:81", "10.0.0.2:80", "10.0.0.1:80"), true},  // not sorted
+		{be("10.0.0.1:80", "10.0.0.2:80", "10.0.0.1:80"), false}, // a duplicate is one backend
+		{be("10.0.0.1:80", "[fd00::1]:80", "[fd00::1]:81"), true},
+	} {
+		if got := sharesIP(tc.bs); got != tc.want {
+			t.Errorf("sharesIP(%v) = %v, want %v", tc.bs, got, tc.want)
+		}
+	}
 }
