@@ -478,7 +478,9 @@ func TestBurstIsBoundedAndRepaired(t *testing.T) {
 	if dropped(rs[0].Peers, dropQueueFull) == 0 {
 		t.Error("no drop counted")
 	}
-	eventually(t, 5*time.Second, "the peer holds every pin", func() bool { return rs[1].table.missing("default/web", ps) == 0 })
+	// Correctness, not speed: on a loaded machine merging 100,000 pins
+	// after the push/pull took longer than 5 s.
+	eventually(t, 30*time.Second, "the peer holds every pin", func() bool { return rs[1].table.missing("default/web", ps) == 0 })
 	if received(rs[1].Peers, viaState) == 0 {
 		t.Error("the peer got everything without a push/pull, so nothing was dropped?")
 	}

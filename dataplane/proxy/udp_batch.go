@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"sync/atomic"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -57,7 +58,7 @@ func (l *loop) udpState() *udpLoop {
 }
 
 func newUDPLoop() *udpLoop {
-	u := &udpLoop{gso: udpGSO}
+	u := &udpLoop{gso: udpGSO.Load()}
 	mem, err := unix.Mmap(-1, 0, 2*udpBatch*maxDatagram, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
 	if err != nil {
 		// Without the mapping, from the Go heap: the same, resident.
@@ -256,7 +257,7 @@ func (u *udpLoop) count(from, to int) {
 // destination as one message with UDP_SEGMENT (generic segmentation
 // offload): the kernel routes and queues them once and cuts them into
 // the same datagrams only on the way out, or on delivery on this host.
-var udpGSO = true
+var udpGSO = func() (b atomic.Bool) { b.Store(true); return }()
 
 const (
 	// udpMaxSegments is the kernel's limit of segments per GSO message.

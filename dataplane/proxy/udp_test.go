@@ -158,8 +158,9 @@ func TestUDPBatches(t *testing.T) {
 	backends := startUDPEchoes(t, 3, 9031)
 	for _, gso := range []bool{true, false} {
 		t.Run(fmt.Sprintf("gso=%v", gso), func(t *testing.T) {
-			defer func(was bool) { udpGSO = was }(udpGSO)
-			udpGSO = gso
+			// Restored after the proxy's cleanup has stopped its loops.
+			t.Cleanup(func() { udpGSO.Store(true) })
+			udpGSO.Store(gso)
 			testUDPBatches(t, backends)
 		})
 	}
@@ -453,8 +454,8 @@ func TestUDPWholeBatches(t *testing.T) {
 		gso, gsoFails bool
 	}{{"gso", true, false}, {"no gso", false, false}, {"gso refused by the kernel", true, true}} {
 		t.Run(tc.name, func(t *testing.T) {
-			defer func(was bool) { udpGSO = was }(udpGSO)
-			udpGSO = tc.gso
+			t.Cleanup(func() { udpGSO.Store(true) })
+			udpGSO.Store(tc.gso)
 			port := freePort(t)
 			// The backend answers only once it has the whole burst, while
 			// the proxy is held.
