@@ -264,3 +264,28 @@ func BenchmarkBuild(b *testing.B) {
 		}
 	}
 }
+
+// The compact size keeps the slot imbalance within 1% for every pool size,
+// never exceeds the automatic size, and is a quarter of it for a pool of 100.
+func TestCompactSize(t *testing.T) {
+	for _, n := range poolSizes(testing.Short()) {
+		m, err := CompactSize(n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		auto, _ := chooseSize(n, 0)
+		if m < 100*uint64(n) || m > auto || !isPrime(m) {
+			t.Errorf("%d backends: compact size %d (automatic %d)", n, m, auto)
+		}
+		tbl := mustBuild(t, backendKeys(n), m)
+		if overMin, overIdeal := slotBalance(tbl); overMin > 1.01 || overIdeal > 1.01 {
+			t.Errorf("%d backends over %d slots: max/min %.4f, max/ideal %.4f", n, m, overMin, overIdeal)
+		}
+	}
+	if m, _ := CompactSize(100); m != 16381 {
+		t.Errorf("a pool of 100 gets %d compact slots, want 16381", m)
+	}
+	if _, err := CompactSize(1 << 20); err == nil {
+		t.Error("a pool beyond the ladder has a compact size")
+	}
+}

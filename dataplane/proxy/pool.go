@@ -330,7 +330,7 @@ func (rs *ruleState) rebuild(status func(health.Target) (up, known bool), m *met
 		keys[j], picks[j] = k.key, k.i
 	}
 	// Rules with the same pool share one table; see tableCache.
-	table, err := sharedTables.get(keys, 0)
+	table, err := sharedTables.get(keys, tableSize(r, len(keys)))
 	if err != nil {
 		// Only pools beyond maglev's size limit fail; serve none rather than a skewed table.
 		table, _ = sharedTables.get(nil, 0)
@@ -342,6 +342,23 @@ func (rs *ruleState) rebuild(status func(health.Target) (up, known bool), m *met
 	}
 	rs.pool.Store(&pool{table: table, backends: rs.backends, picks: picks, taking: taking, alive: alive, healthy: len(healthy), active: len(active)})
 	rs.m.rebuilds.Inc()
+}
+
+// tableSize is the Maglev size for a pool of n under rule r. A rule whose
+// clients keep their backend through a pin after a pool change (pins on),
+// or whose every connection is hashed anew (None), gets the compact size:
+// Maglev's own disruption there only decides how many pins differ from the
+// table. A rule that pins nothing but the table (ClientIP with a pin timeout
+// of 0) keeps the automatic size, under 1% disruption.
+func tableSize(r *snapshot.Rule, n int) uint64 {
+	if r.PinTimeout == 0 && r.Persistence != snapshot.PersistenceNone {
+		return 0
+	}
+	size, err := maglev.CompactSize(n)
+	if err != nil {
+		return 0 // beyond the ladder: Build explains
+	}
+	return size
 }
 
 func boolGauge(b bool) float64 {

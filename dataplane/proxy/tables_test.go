@@ -299,3 +299,34 @@ func TestSharesIP(t *testing.T) {
 		}
 	}
 }
+
+// A rule that pins (or hashes each connection) gets the compact table; a
+// rule whose clients follow the table alone (pin timeout 0) the automatic,
+// larger one.
+func TestTableSizeFollowsPinning(t *testing.T) {
+	pinned := &snapshot.Rule{Persistence: snapshot.PersistenceClientIP, PinTimeout: time.Hour}
+	tableOnly := &snapshot.Rule{Persistence: snapshot.PersistenceClientIP}
+	none := &snapshot.Rule{Persistence: snapshot.PersistenceNone}
+	compact, _ := maglev.CompactSize(100)
+	if got := tableSize(pinned, 100); got != compact {
+		t.Errorf("pinned rule: size %d, want %d", got, compact)
+	}
+	if got := tableSize(none, 100); got != compact {
+		t.Errorf("None rule: size %d, want %d", got, compact)
+	}
+	if got := tableSize(tableOnly, 100); got != 0 {
+		t.Errorf("rule without pins: size %d, want the automatic size (0)", got)
+	}
+	tbl, err := sharedTables.get(backendKeysFor(100), tableSize(tableOnly, 100))
+	if err != nil || tbl.Size() <= compact {
+		t.Errorf("rule without pins: table of %v slots (%v), want more than %d", tbl.Size(), err, compact)
+	}
+}
+
+func backendKeysFor(n int) []string {
+	out := make([]string, n)
+	for i := range out {
+		out[i] = fmt.Sprintf("10.2.%d.%d", i/250, i%250+1)
+	}
+	return out
+}
