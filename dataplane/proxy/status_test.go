@@ -43,9 +43,15 @@ func TestViewShowsEachBackend(t *testing.T) {
 	// The connections backendsOf closed leave the count as their proxy
 	// side sees the close.
 	var v RuleView
-	eventually(t, 2*time.Second, "only the open connection counts", func() bool {
-		v, err = p.View("default/web")
-		return err == nil && v.Backends[first].Flows == 1
+	eventually(t, 5*time.Second, "only the open connection counts", func() bool {
+		if v, err = p.View("default/web"); err != nil {
+			return false
+		}
+		flows := 0
+		for _, b := range v.Backends {
+			flows += b.Flows
+		}
+		return v.Backends[first].Flows == 1 && flows == 1
 	})
 	if v.Rule != "default/web" || v.Snapshot != p.version || len(v.Listeners) != 1 || !v.Listeners[0].Open {
 		t.Fatalf("view = %+v", v)
