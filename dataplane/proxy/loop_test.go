@@ -298,12 +298,14 @@ func TestPacketCounts(t *testing.T) {
 	out := p.metrics.packets.WithLabelValues(r.Name, backend, "out")
 	eventually(t, 5*time.Second, "packets counted at close", func() bool { return p.counter(in) > 0 })
 	// In: the handshake's ACK, 20 messages, the FIN. Out: the banner, 20
-	// echoes, the FIN (acknowledgements may ride on data, or not).
+	// echoes, the FIN (acknowledgements may ride on data, or not; on a
+	// loaded machine the banner may leave in one segment with the first
+	// echo).
 	if got := p.counter(in); got < messages+2 || got > 4*messages {
 		t.Errorf("packets in: %v, want %d to %d", got, messages+2, 4*messages)
 	}
-	if got := p.counter(out); got < messages+2 || got > 4*messages {
-		t.Errorf("packets out: %v, want %d to %d", got, messages+2, 4*messages)
+	if got := p.counter(out); got < messages+1 || got > 4*messages {
+		t.Errorf("packets out: %v, want %d to %d", got, messages+1, 4*messages)
 	}
 }
 

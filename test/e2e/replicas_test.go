@@ -67,12 +67,15 @@ func TestProgrammedNamesTheReplicaThatCannotListen(t *testing.T) {
 	b.waitServing(t, port)
 
 	// The second replica fails again; stopped, it stops counting.
-	squatter2, err := net.Listen("tcp", netip.AddrPortFrom(loopback2, port+1).String())
+	// A port free on both addresses (port+1 may be some connection's on
+	// the first, which then fails too), held on the second only.
+	port2 := testbackend.FreePort(t, loopback1, loopback2)
+	squatter2, err := net.Listen("tcp", netip.AddrPortFrom(loopback2, port2).String())
 	if err != nil {
-		t.Skipf("port %d taken meanwhile: %v", port+1, err)
+		t.Fatal(err)
 	}
 	defer squatter2.Close()
-	mustKubectl(t, "", "-n", ns, "patch", "lbr", "web", "--type=merge", "-p", fmt.Sprintf(`{"spec":{"frontend":{"port":%d}}}`, port+1))
+	mustKubectl(t, "", "-n", ns, "patch", "lbr", "web", "--type=merge", "-p", fmt.Sprintf(`{"spec":{"frontend":{"port":%d}}}`, port2))
 	programmed(t, ns, "web", 30*time.Second, "ListenFailed on the new port", func(c *metav1.Condition) bool {
 		return c.Reason == string(lbv1alpha1.ReasonListenFailed) && strings.Contains(c.Message, b.bind)
 	})
